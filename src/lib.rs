@@ -2,12 +2,38 @@
 //! access tokens to internal services over gRPC.
 //!
 //! # Layout
-//! - [`pb`]: the generated `tokenbroker.v1` contract (from `proto/`).
+//! - [`app`]: wiring and task ownership: builds the parts from config, serves, shuts down.
+//! - [`cli`]: the command line: `serve`, `dev-idp` and the client commands.
+//! - [`config`]: typed config from defaults, TOML file, `TOKENBROKER_*` env and flags; validation.
+//! - [`grpc`]: the tonic adapter: validation, conversion, the one error-to-status mapping.
+//! - [`broker`]: the use cases: register, get, watch, inspect, list, delete.
+//! - [`session`]: session state, the published view (watch channel), the registry (DashMap).
+//! - [`refresh`]: single-flight refreshes, persist-before-use, backoff, IdP budget, the timer queue;
+//!   [`refresh::timing`] holds the pure timing functions.
+//! - [`oidc`]: the token-endpoint client (the only reqwest user): refresh, logout, classify answers.
+//! - [`store`]: the `SessionStore` trait (compare-and-swap on the generation) and its backends.
+//! - [`devidp`]: Keycloak-faithful dev IdP with fault injection (tests, `serve --dev`, `dev-idp`).
 //! - [`secret`]: typed secrets (refresh/access tokens, client secrets), redacted and zeroized.
+//! - [`error`]: the transport-neutral error of the use cases.
+//! - [`telemetry`]: logging setup and the shutdown signal.
+//! - [`pb`]: the generated `tokenbroker.v1` contract (from `proto/`).
 
 #![deny(rustdoc::broken_intra_doc_links)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod devidp;
+pub mod error;
+pub mod grpc;
+pub mod oidc;
+pub mod refresh;
 pub mod secret;
+pub mod session;
+pub mod store;
+pub mod telemetry;
 
 /// The `tokenbroker.v1` contract, generated from `proto/tokenbroker/v1/broker.proto`.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

@@ -1,0 +1,750 @@
+//! The use cases: register, get, watch, inspect, list, delete. Transport
+//! neutral: the gRPC adapter converts requests into these calls and maps
+//! [`BrokerError`] to statuses.
+
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::BrokerError;
+use crate::oidc::{self, RefreshExpiry, RejectedTarget};
+use crate::refresh::{self, Priority, Providers, Refresher, Trigger};
+use crate::secret::{AccessToken, RefreshToken};
+use crate::session::{
+    EndReason, ErrorClass, IssuedToken, Labels, Published, Registry, Session, SessionError,
+    SessionId, SessionInner, SessionState,
+};
+use crate::store::{InsertMode, SessionStore, StoreError, StoredSession};
+
+/// Broker-wide settings of the use cases.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// `min_ttl` when a caller sets none.
+    pub default_min_ttl: Duration,
+    /// How long a delete waits for a refresh in flight before giving up.
+    pub delete_wait: Duration,
+    /// Largest accepted refresh or access token, in bytes.
+    pub max_token_bytes: usize,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            default_min_ttl: Duration::from_secs(60),
+            delete_wait: Duration::from_secs(30),
+            max_token_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// An access token handed over at registration, from the same login.
+#[derive(Debug)]
+pub struct InitialToken {
+    /// The token.
+    pub access_token: AccessToken,
+    /// Its remaining life; `None`: the JWT `exp`, else the provider default.
+    pub expires_in: Option<Duration>,
+    /// Granted scope.
+    pub scope: String,
+}
+
+/// A validated registration.
+#[derive(Debug)]
+pub struct Registration {
+    /// `None`: the broker makes an id.
+    pub session_id: Option<SessionId>,
+    /// The login's refresh token.
+    pub refresh_token: RefreshToken,
+    /// Provider name; empty for the default.
+    pub provider: String,
+    /// Optional access token of the same login.
+    pub initial: Option<InitialToken>,
+    /// Remaining life of the refresh token; zero: none (offline).
+    pub refresh_expires_in: Option<Duration>,
+    /// Caller labels.
+    pub labels: Labels,
+    /// Replace a session with the same id and another refresh token.
+    pub replace: bool,
+}
+
+/// Session metadata (never a token).
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Id.
+    pub id: SessionId,
+    /// Provider name.
+    pub provider: String,
+    /// Lifecycle state.
+    pub state: SessionState,
+    /// Expiry of the current access token.
+    pub access_expires_at: Option<SystemTime>,
+    /// Expiry of the refresh token.
+    pub refresh_expiry: RefreshExpiry,
+    /// Generation.
+    pub generation: u64,
+    /// Last successful refresh.
+    pub last_refresh_at: Option<SystemTime>,
+    /// Next planned refresh.
+    pub next_refresh_at: Option<SystemTime>,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// Last failure.
+    pub last_error: Option<SessionError>,
+    /// Labels.
+    pub labels: Labels,
+    /// Registration time.
+    pub created_at: SystemTime,
+    /// When the user must log in again, if known.
+    pub reauth_due_at: Option<SystemTime>,
+}
+
+/// Filter and page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this state.
+    pub state: Option<SessionState>,
+    /// Only sessions carrying all of these labels.
+    pub labels: Labels,
+    /// Page size (1..=1000).
+    pub page_size: usize,
+    /// Only ids after this one.
+    pub after: Option<SessionId>,
+}
+
+/// One event of a watch stream.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    /// A new access token.
+    Token(Arc<IssuedToken>),
+    /// The user must log in again by this time.
+    ReauthWarning(SystemTime),
+    /// The session ended; the stream ends after this.
+    Ended(EndReason),
+    /// The broker is shutting down; the stream ends after this.
+    ShuttingDown,
+}
+
+/// The broker: the use cases over the registry, the refresh engine and the store.
+#[derive(Debug)]
+pub struct Broker {
+    registry: Arc<Registry>,
+    refresher: Refresher,
+    store: Arc<dyn SessionStore>,
+    providers: Providers,
+    settings: BrokerSettings,
+    registering: DashMap<SessionId, watch::Receiver<()>>,
+    shutdown: CancellationToken,
+}
+
+impl Broker {
+    /// A broker over these parts.
+    pub fn new(
+        registry: Arc<Registry>,
+        refresher: Refresher,
+        store: Arc<dyn SessionStore>,
+        providers: Providers,
+        settings: BrokerSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            registry,
+            refresher,
+            store,
+            providers,
+            settings,
+            registering: DashMap::new(),
+            shutdown,
+        }
+    }
+
+    /// Broker-wide settings.
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.settings
+    }
+
+    /// Number of sessions held.
+    pub fn session_count(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Brings stored sessions back into memory and plans their refreshes.
+    pub fn restore(&self, stored: Vec<StoredSession>) -> usize {
+        let count = stored.len();
+        for record in stored {
+            let session = Arc::new(session_from_record(record));
+            self.registry.insert(session.clone());
+            self.refresher.plan(&session);
+        }
+        count
+    }
+
+    /// Registers a session (idempotent for the same id and refresh token).
+    pub async fn register(
+        &self,
+        request: Registration,
+    ) -> Result<(SessionInfo, bool), BrokerError> {
+        let provider = self
+            .providers
+            .get(&request.provider)
+            .cloned()
+            .ok_or_else(|| {
+                BrokerError::invalid(
+                    "provider",
+                    format!("unknown provider {:?}", request.provider),
+                )
+            })?;
+        let id = request
+            .session_id
+            .clone()
+            .unwrap_or_else(SessionId::generate);
+        let _reservation = self.reserve(&id).await;
+
+        let fingerprint = request.refresh_token.fingerprint();
+        let existing = self.registry.get(&id);
+        if let Some(session) = &existing {
+            let inner = session.lock();
+            if !inner.deleting && inner.registered_fingerprint == fingerprint {
+                drop(inner);
+                return Ok((self.info(session), false));
+            }
+            if !request.replace {
+                return Err(BrokerError::SessionExists);
+            }
+        }
+
+        // The first token: handed over, or from one refresh (a dead refresh
+        // token fails here and is not stored).
+        let now = SystemTime::now();
+        let endpoint = provider.client.endpoint();
+        let (refresh_token, token, refresh_expiry) = match request.initial {
+            Some(initial) => {
+                let expires_at = initial
+                    .expires_in
+                    .map(|d| now + d)
+                    .or_else(|| oidc::jwt_exp(initial.access_token.expose_secret()))
+                    .unwrap_or(now + endpoint.default_access_lifetime);
+                let refresh_expiry = match request.refresh_expires_in {
+                    Some(d) if d.is_zero() => RefreshExpiry::Never,
+                    Some(d) => RefreshExpiry::At(now + d),
+                    None => endpoint
+                        .default_refresh_lifetime
+                        .map_or(RefreshExpiry::Unknown, |d| RefreshExpiry::At(now + d)),
+                };
+                let token = IssuedToken {
+                    access_token: initial.access_token,
+                    expires_at,
+                    issued_at: now,
+                    scope: initial.scope.into(),
+                    generation: 0,
+                };
+                (request.refresh_token, token, refresh_expiry)
+            }
+            None => {
+                let permit = provider
+                    .budget
+                    .acquire(Priority::Urgent)
+                    .await
+                    .map_err(|_| BrokerError::RateLimited {
+                        description: format!(
+                            "refresh budget of provider {} exhausted",
+                            provider.name
+                        ),
+                        retry_after: Duration::from_secs(1),
+                    })?;
+                let grant = refresh::present(&provider.client, &request.refresh_token)
+                    .await
+                    .map_err(|error| registration_error(&provider.name, error))?;
+                drop(permit);
+                let token = IssuedToken {
+                    access_token: grant.access_token,
+                    expires_at: grant.expires_at,
+                    issued_at: grant.sent_at,
+                    scope: grant.scope.into(),
+                    generation: 0,
+                };
+                let refresh_token = grant.refresh_token.unwrap_or(request.refresh_token);
+                (refresh_token, token, grant.refresh_expiry)
+            }
+        };
+
+        let generation = existing.as_ref().map_or(1, |s| s.lock().generation + 1);
+        let token = Arc::new(IssuedToken {
+            generation,
+            ..token
+        });
+        let longest = match refresh_expiry {
+            RefreshExpiry::At(at) => at.duration_since(token.issued_at).ok(),
+            _ => None,
+        };
+        let inner = SessionInner {
+            provider: provider.name.clone(),
+            labels: request.labels,
+            refresh_token,
+            registered_fingerprint: fingerprint,
+            refresh_expiry,
+            longest_refresh_lifetime: longest,
+            generation,
+            state: SessionState::Active,
+            created_at: now,
+            last_refresh_at: request_was_refresh(&token, now),
+            next_refresh_at: None,
+            consecutive_failures: 0,
+            last_error: None,
+            retry_not_before: None,
+            retry_at: None,
+            pending: None,
+            flight: None,
+            flights_started: 0,
+            last_ok_flight: 0,
+            deleting: false,
+        };
+        let published = Published {
+            token: Some(token.clone()),
+            ended: None,
+            reauth_due_at: None,
+        };
+
+        match existing {
+            None => {
+                let session = Arc::new(Session::new(id.clone(), inner, published));
+                let record = refresh::record_of(&session, &session.lock(), Some(&token), None);
+                self.store
+                    .insert(&record, InsertMode::New)
+                    .await
+                    .map_err(store_error)?;
+                self.registry.insert(session.clone());
+                self.refresher.plan(&session);
+                info!(session_id = %id, provider = %provider.name, "session registered");
+                Ok((self.info(&session), true))
+            }
+            Some(session) => {
+                let expected = session.lock().generation;
+                let replacement = Session::new(id.clone(), inner, published.clone());
+                let record =
+                    refresh::record_of(&replacement, &replacement.lock(), Some(&token), None);
+                self.store
+                    .insert(
+                        &record,
+                        InsertMode::Replace {
+                            expected_generation: expected,
+                        },
+                    )
+                    .await
+                    .map_err(store_error)?;
+                // Swap the state in place so open watch streams follow the new login.
+                {
+                    let mut current = session.lock();
+                    let mut fresh = replacement.into_inner();
+                    fresh.created_at = current.created_at;
+                    fresh.flight = current.flight.take();
+                    fresh.flights_started = current.flights_started;
+                    fresh.last_ok_flight = current.last_ok_flight;
+                    *current = fresh;
+                    session.publish(published);
+                }
+                self.refresher.plan(&session);
+                info!(session_id = %id, provider = %provider.name, "session replaced");
+                Ok((self.info(&session), true))
+            }
+        }
+    }
+
+    /// Waits until no other registration of `id` runs, then holds it.
+    async fn reserve(&self, id: &SessionId) -> Reservation<'_> {
+        loop {
+            let mut other = match self.registering.entry(id.clone()) {
+                dashmap::Entry::Vacant(slot) => {
+                    let (tx, rx) = watch::channel(());
+                    slot.insert(rx);
+                    return Reservation {
+                        map: &self.registering,
+                        id: id.clone(),
+                        _held: tx,
+                    };
+                }
+                dashmap::Entry::Occupied(slot) => slot.get().clone(),
+            };
+            // Resolves when the other registration drops its sender.
+            let _ = other.changed().await;
+        }
+    }
+
+    /// A token valid for at least `min_ttl` (the default when `None`), or a
+    /// newer one than any held when the call arrived (`force`).
+    pub async fn get_token(
+        &self,
+        id: &SessionId,
+        min_ttl: Option<Duration>,
+        force: bool,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
+        let now = SystemTime::now();
+        session.touch(crate::session::unix_secs(now));
+        let published = session.published();
+        if let Some(reason) = &published.ended {
+            return Err(ended_error(reason));
+        }
+        if force {
+            let seen = published.token.as_ref().map_or(0, |t| t.generation);
+            return self
+                .refresher
+                .refresh(&session, Trigger::Forced, Some(seen))
+                .await;
+        }
+        let min_ttl = min_ttl.unwrap_or(self.settings.default_min_ttl);
+        if let Some(token) = &published.token
+            && token.valid_for(now, min_ttl)
+        {
+            return Ok(token.clone());
+        }
+        // A token fresh from the provider satisfies the call even when the
+        // provider grants less than `min_ttl`.
+        let token = self
+            .refresher
+            .refresh(&session, Trigger::OnDemand, None)
+            .await?;
+        if token.expires_at <= SystemTime::now() {
+            return Err(BrokerError::ProviderUnavailable {
+                provider: session.lock().provider.to_string(),
+                description: "the provider issued an already expired token".into(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        Ok(token)
+    }
+
+    /// A stream of the session's tokens and events.
+    pub fn watch(&self, id: &SessionId) -> Result<TokenWatch, BrokerError> {
+        let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
+        let receiver = session.subscribe();
+        let published = session.published();
+        let needs_token = published.ended.is_none()
+            && published
+                .token
+                .as_ref()
+                .is_none_or(|t| t.expires_at <= SystemTime::now());
+        if needs_token {
+            self.refresher.kick(&session, Trigger::OnDemand);
+        } else {
+            // A new watcher puts the session in use: plan its early refresh.
+            self.refresher.plan(&session);
+        }
+        Ok(TokenWatch {
+            receiver,
+            last_generation: 0,
+            warned: None,
+            finished: false,
+            shutdown: self.shutdown.clone(),
+        })
+    }
+
+    /// Metadata of one session.
+    pub fn inspect(&self, id: &SessionId) -> Result<SessionInfo, BrokerError> {
+        let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
+        Ok(self.info(&session))
+    }
+
+    /// A page of sessions ordered by id, and whether more follow.
+    pub fn list(&self, query: &ListQuery) -> (Vec<SessionInfo>, bool) {
+        let page_size = query.page_size.clamp(1, 1000);
+        // Keep the page_size + 1 smallest matching ids in a max-heap.
+        let mut heap: BinaryHeap<HeapEntry> = BinaryHeap::with_capacity(page_size + 1);
+        for session in self.registry.all() {
+            if query
+                .after
+                .as_ref()
+                .is_some_and(|after| session.id() <= after)
+            {
+                continue;
+            }
+            if heap.len() > page_size && heap.peek().is_some_and(|top| session.id() >= top.0.id()) {
+                continue;
+            }
+            {
+                let inner = session.lock();
+                if query.state.is_some_and(|s| s != inner.state)
+                    || !query
+                        .labels
+                        .iter()
+                        .all(|(k, v)| inner.labels.get(k) == Some(v))
+                {
+                    continue;
+                }
+            }
+            heap.push(HeapEntry(session));
+            if heap.len() > page_size + 1 {
+                heap.pop();
+            }
+        }
+        let mut page: Vec<Arc<Session>> = heap.into_sorted_vec().into_iter().map(|e| e.0).collect();
+        let more = page.len() > page_size;
+        page.truncate(page_size);
+        (page.iter().map(|s| self.info(s)).collect(), more)
+    }
+
+    /// Logs the session out upstream (best effort), deletes it and ends its
+    /// streams. Returns whether the provider confirmed the logout.
+    pub async fn delete(&self, id: &SessionId) -> Result<bool, BrokerError> {
+        let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
+        let flight = {
+            let mut inner = session.lock();
+            if inner.deleting {
+                return Err(BrokerError::SessionNotFound);
+            }
+            inner.deleting = true;
+            inner.flight.clone()
+        };
+        // Never present the refresh token to the logout endpoint while a
+        // refresh presents it too.
+        if let Some(flight) = flight
+            && tokio::time::timeout(self.settings.delete_wait, flight.wait())
+                .await
+                .is_err()
+        {
+            session.lock().deleting = false;
+            return Err(BrokerError::ProviderUnavailable {
+                provider: session.lock().provider.to_string(),
+                description: "a refresh of this session is still running".into(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let (provider_name, refresh_token, state) = {
+            let inner = session.lock();
+            (
+                inner.provider.clone(),
+                inner.refresh_token.clone(),
+                inner.state,
+            )
+        };
+        let logged_out = match (state, self.providers.get(&provider_name)) {
+            (SessionState::Active, Some(provider)) => {
+                match provider.client.logout(&refresh_token).await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        warn!(session_id = %id, %error, "upstream logout failed; deleting anyway");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if let Err(error) = self.store.delete(id).await {
+            session.lock().deleting = false;
+            return Err(store_error(error));
+        }
+        self.registry.remove_exact(&session);
+        self.refresher.plan(&session); // deleting: cancels the timer
+        session.publish_with(|p| {
+            p.token = None;
+            p.ended = Some(EndReason::Deleted);
+        });
+        info!(session_id = %id, logged_out, "session deleted");
+        Ok(logged_out)
+    }
+
+    fn info(&self, session: &Session) -> SessionInfo {
+        let published = session.published();
+        let inner = session.lock();
+        SessionInfo {
+            id: session.id().clone(),
+            provider: inner.provider.to_string(),
+            state: inner.state,
+            access_expires_at: published.token.as_ref().map(|t| t.expires_at),
+            refresh_expiry: inner.refresh_expiry,
+            generation: inner.generation,
+            last_refresh_at: inner.last_refresh_at,
+            next_refresh_at: inner.next_refresh_at,
+            consecutive_failures: inner.consecutive_failures,
+            last_error: inner.last_error.clone(),
+            labels: inner.labels.clone(),
+            created_at: inner.created_at,
+            reauth_due_at: published.reauth_due_at,
+        }
+    }
+}
+
+/// A token obtained by a refresh at registration counts as a refresh.
+fn request_was_refresh(token: &IssuedToken, now: SystemTime) -> Option<SystemTime> {
+    (token.issued_at <= now).then_some(token.issued_at)
+}
+
+struct Reservation<'a> {
+    map: &'a DashMap<SessionId, watch::Receiver<()>>,
+    id: SessionId,
+    _held: watch::Sender<()>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        // Remove first, so that waiters woken by the sender's drop find the slot free.
+        self.map.remove(&self.id);
+    }
+}
+
+struct HeapEntry(Arc<Session>);
+
+impl PartialEq for HeapEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id() == other.0.id()
+    }
+}
+impl Eq for HeapEntry {}
+impl PartialOrd for HeapEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for HeapEntry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id().cmp(other.0.id())
+    }
+}
+
+/// Reads a watch stream one event at a time; a slow reader gets the latest
+/// token, never a backlog, and never an expired one.
+#[derive(Debug)]
+pub struct TokenWatch {
+    receiver: watch::Receiver<Arc<Published>>,
+    last_generation: u64,
+    warned: Option<SystemTime>,
+    finished: bool,
+    shutdown: CancellationToken,
+}
+
+impl TokenWatch {
+    /// The next event; `None` after the terminal one.
+    pub async fn next(&mut self) -> Option<WatchEvent> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            let published = self.receiver.borrow_and_update().clone();
+            if let Some(reason) = &published.ended {
+                self.finished = true;
+                return Some(WatchEvent::Ended(reason.clone()));
+            }
+            if let Some(token) = &published.token
+                && token.generation > self.last_generation
+                && token.expires_at > SystemTime::now()
+            {
+                self.last_generation = token.generation;
+                return Some(WatchEvent::Token(token.clone()));
+            }
+            if let Some(due) = published.reauth_due_at
+                && self.warned != Some(due)
+            {
+                self.warned = Some(due);
+                return Some(WatchEvent::ReauthWarning(due));
+            }
+            tokio::select! {
+                changed = self.receiver.changed() => if changed.is_err() {
+                    // The session object is gone without an end event.
+                    self.finished = true;
+                    return Some(WatchEvent::Ended(EndReason::Deleted));
+                },
+                () = self.shutdown.cancelled() => {
+                    self.finished = true;
+                    return Some(WatchEvent::ShuttingDown);
+                }
+            }
+        }
+    }
+}
+
+fn ended_error(reason: &EndReason) -> BrokerError {
+    match reason {
+        EndReason::ReauthenticationRequired(description) => BrokerError::ReauthenticationRequired {
+            description: description.clone(),
+        },
+        EndReason::Deleted => BrokerError::SessionNotFound,
+    }
+}
+
+fn store_error(error: StoreError) -> BrokerError {
+    match error {
+        StoreError::Conflict => BrokerError::SessionExists,
+        StoreError::NotFound => BrokerError::SessionNotFound,
+        StoreError::Backend(description) => BrokerError::StoreUnavailable { description },
+    }
+}
+
+fn registration_error(provider: &str, error: oidc::RefreshError) -> BrokerError {
+    match &error {
+        oidc::RefreshError::Rejected {
+            target: RejectedTarget::Session,
+            ..
+        } => BrokerError::ReauthenticationRequired {
+            description: error.to_string(),
+        },
+        oidc::RefreshError::Rejected {
+            target: RejectedTarget::Config,
+            ..
+        } => BrokerError::ProviderMisconfigured {
+            provider: provider.to_string(),
+            description: error.to_string(),
+        },
+        _ => BrokerError::ProviderUnavailable {
+            provider: provider.to_string(),
+            description: error.to_string(),
+            retry_after: error.retry_after().unwrap_or(Duration::from_secs(1)),
+        },
+    }
+}
+
+fn session_from_record(record: StoredSession) -> Session {
+    let token = record.access_token.map(|t| {
+        Arc::new(IssuedToken {
+            access_token: t.token,
+            expires_at: t.expires_at,
+            issued_at: t.issued_at,
+            scope: t.scope.into(),
+            generation: record.generation,
+        })
+    });
+    let ended = (record.state == SessionState::ReauthRequired).then(|| {
+        EndReason::ReauthenticationRequired(record.last_error.as_ref().map_or_else(
+            || "refresh token rejected".into(),
+            |e| e.description.clone(),
+        ))
+    });
+    let inner = SessionInner {
+        provider: record.provider.into(),
+        labels: record.labels,
+        refresh_token: record.refresh_token,
+        registered_fingerprint: record.registered_fingerprint,
+        refresh_expiry: record.refresh_expiry,
+        longest_refresh_lifetime: record
+            .longest_refresh_lifetime_secs
+            .map(Duration::from_secs),
+        generation: record.generation,
+        state: record.state,
+        created_at: record.created_at,
+        last_refresh_at: record.last_refresh_at,
+        next_refresh_at: None,
+        consecutive_failures: 0,
+        last_error: record
+            .last_error
+            .filter(|e| e.class == ErrorClass::RejectedSession),
+        retry_not_before: None,
+        retry_at: None,
+        pending: None,
+        flight: None,
+        flights_started: 0,
+        last_ok_flight: 0,
+        deleting: false,
+    };
+    Session::new(
+        record.id,
+        inner,
+        Published {
+            token: if ended.is_some() { None } else { token },
+            ended,
+            reauth_due_at: record.reauth_due_at,
+        },
+    )
+}

@@ -1,0 +1,130 @@
+//! The tonic adapter: validates and converts requests, calls the [`Broker`],
+//! maps errors through [`status::to_status`]. No business logic lives here.
+
+pub mod convert;
+pub mod status;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
+
+use crate::broker::{Broker, WatchEvent};
+use crate::error::BrokerError;
+use crate::pb;
+use crate::pb::token_broker_server::{TokenBroker, TokenBrokerServer};
+
+/// The `tokenbroker.v1.TokenBroker` service.
+#[derive(Debug, Clone)]
+pub struct TokenBrokerService {
+    broker: Arc<Broker>,
+}
+
+impl TokenBrokerService {
+    /// A service over this broker.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+
+    /// The tonic server for it, with message size bounds.
+    pub fn into_server(self, max_message_bytes: usize) -> TokenBrokerServer<Self> {
+        TokenBrokerServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTokenResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TokenBroker for TokenBrokerService {
+    async fn register_session(
+        &self,
+        request: Request<pb::RegisterSessionRequest>,
+    ) -> Result<Response<pb::RegisterSessionResponse>, Status> {
+        let registration =
+            convert::registration(request.into_inner(), self.broker.settings().max_token_bytes)?;
+        let span = tracing::info_span!("register_session", session_id = ?registration.session_id.as_ref().map(|id| id.as_str()));
+        let (info, created) = self.broker.register(registration).instrument(span).await?;
+        Ok(Response::new(pb::RegisterSessionResponse {
+            session: Some(convert::session(info)),
+            created,
+        }))
+    }
+
+    async fn get_access_token(
+        &self,
+        request: Request<pb::GetAccessTokenRequest>,
+    ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
+        let request = request.into_inner();
+        let id = convert::session_id(&request.session_id)?;
+        let min_ttl = convert::min_ttl(request.min_ttl)?;
+        let token = self
+            .broker
+            .get_token(&id, min_ttl, request.force_refresh)
+            .await?;
+        Ok(Response::new(pb::GetAccessTokenResponse {
+            token: Some(convert::access_token(&token)),
+        }))
+    }
+
+    type WatchTokenStream = WatchStream;
+
+    async fn watch_token(
+        &self,
+        request: Request<pb::WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let id = convert::session_id(&request.into_inner().session_id)?;
+        let watch = self.broker.watch(&id)?;
+        let stream = futures::stream::unfold(Some(watch), |state| async move {
+            let mut watch = state?;
+            match watch.next().await? {
+                WatchEvent::ShuttingDown => {
+                    Some((Err(Status::from(BrokerError::ShuttingDown)), None))
+                }
+                event => convert::watch_event(event).map(|message| (Ok(message), Some(watch))),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let id = convert::session_id(&request.into_inner().session_id)?;
+        let info = self.broker.inspect(&id)?;
+        Ok(Response::new(pb::GetSessionResponse {
+            session: Some(convert::session(info)),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let query = convert::list_query(request.into_inner())?;
+        let (page, more) = self.broker.list(&query);
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => last.id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: page.into_iter().map(convert::session).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let id = convert::session_id(&request.into_inner().session_id)?;
+        let logged_out_upstream = self.broker.delete(&id).await?;
+        Ok(Response::new(pb::DeleteSessionResponse {
+            logged_out_upstream,
+        }))
+    }
+}

@@ -1,0 +1,213 @@
+//! The per-provider IdP budget: a cap on concurrent refreshes and on
+//! refreshes per second, with callers who wait for a token served before
+//! background (early and keep-alive) work.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Who is waiting for a refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A caller waits for the result (on-demand, forced, registration).
+    Urgent,
+    /// Nobody waits yet (ahead-of-expiry, keep-alive).
+    Background,
+}
+
+/// The limits of one provider.
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetLimits {
+    /// Refreshes in flight at once.
+    pub max_concurrent: usize,
+    /// Refreshes started per second.
+    pub per_second: u32,
+    /// Longest an urgent refresh waits for the budget before giving up.
+    pub max_wait: Duration,
+}
+
+/// A held slot of the budget; released on drop.
+#[derive(Debug)]
+pub struct BudgetPermit {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The budget was not available within the allowed wait.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("refresh budget exhausted")]
+pub struct BudgetExhausted;
+
+/// Concurrency and rate limits of one provider.
+#[derive(Debug)]
+pub struct Budget {
+    limits: BudgetLimits,
+    permits: Arc<Semaphore>,
+    rate: DefaultDirectRateLimiter,
+    urgent_waiting: AtomicUsize,
+    urgent_drained: Notify,
+}
+
+impl Budget {
+    /// A budget with these limits (zeros are raised to one).
+    pub fn new(limits: BudgetLimits) -> Self {
+        let per_second = NonZeroU32::new(limits.per_second).unwrap_or(NonZeroU32::MIN);
+        Self {
+            limits,
+            permits: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+            rate: RateLimiter::direct(Quota::per_second(per_second)),
+            urgent_waiting: AtomicUsize::new(0),
+            urgent_drained: Notify::new(),
+        }
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> BudgetLimits {
+        self.limits
+    }
+
+    /// Waits for a slot. Urgent work gives up after `max_wait`; background work
+    /// waits as long as it takes, and only while no urgent work is waiting.
+    pub async fn acquire(&self, priority: Priority) -> Result<BudgetPermit, BudgetExhausted> {
+        match priority {
+            Priority::Urgent => {
+                let _waiting = UrgentWaiting::enter(self);
+                tokio::time::timeout(self.limits.max_wait, self.take())
+                    .await
+                    .map_err(|_| BudgetExhausted)?
+            }
+            Priority::Background => loop {
+                self.wait_until_no_urgent().await;
+                let permit = self.slot().await?;
+                // An urgent caller that queued meanwhile goes first: hand the
+                // slot over (the semaphore is FIFO) and wait again.
+                if self.urgent_waiting.load(Ordering::Acquire) > 0 {
+                    drop(permit);
+                    continue;
+                }
+                self.rate.until_ready().await;
+                return Ok(BudgetPermit { _permit: permit });
+            },
+        }
+    }
+
+    async fn wait_until_no_urgent(&self) {
+        loop {
+            let drained = self.urgent_drained.notified();
+            if self.urgent_waiting.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, BudgetExhausted> {
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BudgetExhausted)
+    }
+
+    async fn take(&self) -> Result<BudgetPermit, BudgetExhausted> {
+        let permit = self.slot().await?;
+        self.rate.until_ready().await;
+        Ok(BudgetPermit { _permit: permit })
+    }
+
+    /// Refreshes in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.limits.max_concurrent.max(1) - self.permits.available_permits()
+    }
+}
+
+/// Counts an urgent waiter for as long as it waits (also when its future is dropped).
+struct UrgentWaiting<'a>(&'a Budget);
+
+impl<'a> UrgentWaiting<'a> {
+    fn enter(budget: &'a Budget) -> Self {
+        budget.urgent_waiting.fetch_add(1, Ordering::AcqRel);
+        Self(budget)
+    }
+}
+
+impl Drop for UrgentWaiting<'_> {
+    fn drop(&mut self) {
+        if self.0.urgent_waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.urgent_drained.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(max_concurrent: usize) -> Arc<Budget> {
+        Arc::new(Budget::new(BudgetLimits {
+            max_concurrent,
+            per_second: 10_000,
+            max_wait: Duration::from_millis(200),
+        }))
+    }
+
+    #[tokio::test]
+    async fn caps_concurrency() {
+        let b = budget(2);
+        let p1 = b.acquire(Priority::Urgent).await.unwrap();
+        let _p2 = b.acquire(Priority::Urgent).await.unwrap();
+        assert_eq!(b.in_flight(), 2);
+        assert!(
+            b.acquire(Priority::Urgent).await.is_err(),
+            "third must time out"
+        );
+        drop(p1);
+        assert!(b.acquire(Priority::Urgent).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn urgent_work_goes_before_background_work() {
+        let b = budget(1);
+        let held = b.acquire(Priority::Urgent).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let bg = {
+            let (b, tx) = (b.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _p = b.acquire(Priority::Background).await.unwrap();
+                tx.send("background").unwrap();
+            })
+        };
+        tokio::task::yield_now().await;
+        let urgent = {
+            let (b, tx) = (b.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _p = b.acquire(Priority::Urgent).await.unwrap();
+                tx.send("urgent").unwrap();
+            })
+        };
+        // Let both queue up, then free the slot.
+        while b.urgent_waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert_eq!(rx.recv().await, Some("urgent"));
+        assert_eq!(rx.recv().await, Some("background"));
+        urgent.await.unwrap();
+        bg.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn rate_limit_spaces_out_starts() {
+        let b = Budget::new(BudgetLimits {
+            max_concurrent: 10,
+            per_second: 1,
+            max_wait: Duration::from_millis(100),
+        });
+        assert!(b.acquire(Priority::Urgent).await.is_ok());
+        // The second start within the same second exceeds the quota.
+        assert!(b.acquire(Priority::Urgent).await.is_err());
+    }
+}

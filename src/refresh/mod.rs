@@ -1,0 +1,751 @@
+//! The refresh engine: single-flight refreshes, persist-before-use, rotation
+//! discipline, backoff, the IdP budget and the timer queue.
+//!
+//! Invariants (DESIGN §3):
+//! - **Single-flight.** At most one refresh per session runs at any moment: a
+//!   [`Flight`] marker in the session's inner state, set and cleared under its
+//!   mutex; callers that arrive meanwhile join it. The flight runs in its own
+//!   owned task, so a caller that gives up never cuts a refresh in half.
+//! - **Persist before use.** A rotated refresh token is written through the
+//!   store (compare-and-swap on the generation) before the new access token is
+//!   published. If the write fails, the new refresh token is kept in memory as
+//!   the only one that may be presented, and the write is retried first thing
+//!   on the next attempt; the new access token is not handed out until then.
+//! - **Rotation discipline.** Only the newest refresh token is ever presented.
+//!   When an answer is lost (the provider may have rotated the token), the same
+//!   token is presented once more at once; a rejection then ends the session
+//!   (`REAUTH_REQUIRED`), never a loop.
+
+mod budget;
+mod provider;
+mod scheduler;
+pub mod timing;
+
+pub use budget::{Budget, BudgetExhausted, BudgetLimits, BudgetPermit, Priority};
+pub use provider::{Provider, Providers};
+pub use scheduler::{SchedulerHandle, SchedulerTask, channel as scheduler_channel};
+pub use timing::Policy;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::error::BrokerError;
+use crate::oidc::{RefreshError, RefreshExpiry, RejectedTarget, TokenClient, TokenGrant};
+use crate::secret::RefreshToken;
+use crate::session::{
+    EndReason, ErrorClass, IssuedToken, Published, Registry, Session, SessionError, SessionInner,
+    SessionState, unix_secs,
+};
+use crate::store::{SessionStore, StoreError, StoredAccessToken, StoredSession};
+
+/// The result every caller of one refresh shares.
+pub type FlightResult = Result<Arc<IssuedToken>, BrokerError>;
+
+/// A refresh in flight; clone it to wait for its result.
+#[derive(Debug, Clone)]
+pub struct Flight {
+    seq: u64,
+    done: watch::Receiver<Option<FlightResult>>,
+}
+
+impl Flight {
+    /// Sequence number of this flight within its session.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Waits for the flight to land.
+    pub async fn wait(mut self) -> FlightResult {
+        match self.done.wait_for(Option::is_some).await {
+            Ok(result) => result.clone().unwrap_or(Err(BrokerError::ShuttingDown)),
+            // The flight task was dropped without an answer: the runtime is going away.
+            Err(_) => Err(BrokerError::ShuttingDown),
+        }
+    }
+}
+
+/// A rotation received from the provider whose store write failed.
+#[derive(Debug, Clone)]
+pub struct PendingCommit {
+    record: StoredSession,
+    token: Arc<IssuedToken>,
+    expected_generation: u64,
+}
+
+/// Why a refresh runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A caller needs a token valid for longer than the current one.
+    OnDemand,
+    /// A caller asked for a token newer than the one it has seen.
+    Forced,
+    /// A session in use nears the end of its access token's life.
+    Ahead,
+    /// An idle session's refresh token nears its idle timeout.
+    KeepAlive,
+}
+
+impl Trigger {
+    fn priority(self) -> Priority {
+        match self {
+            Self::OnDemand | Self::Forced => Priority::Urgent,
+            Self::Ahead | Self::KeepAlive => Priority::Background,
+        }
+    }
+
+    /// Stable lowercase name, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OnDemand => "on_demand",
+            Self::Forced => "forced",
+            Self::Ahead => "ahead",
+            Self::KeepAlive => "keep_alive",
+        }
+    }
+}
+
+/// Presents a refresh token to the provider. When the answer is lost (the
+/// provider may or may not have rotated the token), presents the same token
+/// exactly once more: if the provider never saw the first request this keeps
+/// the session; if it did, the session was lost with the answer anyway, unless
+/// the provider allows a reuse, in which case the retry succeeds.
+pub async fn present(
+    client: &TokenClient,
+    refresh_token: &RefreshToken,
+) -> Result<TokenGrant, RefreshError> {
+    match client.refresh(refresh_token).await {
+        Err(error) if error.outcome_unknown() => {
+            warn!(
+                provider = %client.endpoint().provider,
+                %error,
+                "refresh outcome unknown; presenting the stored refresh token once more"
+            );
+            client.refresh(refresh_token).await
+        }
+        outcome => outcome,
+    }
+}
+
+/// Error class of a provider failure, for session metadata.
+pub fn error_class(error: &RefreshError) -> ErrorClass {
+    match error {
+        RefreshError::Rejected {
+            target: RejectedTarget::Session,
+            ..
+        } => ErrorClass::RejectedSession,
+        RefreshError::Rejected {
+            target: RejectedTarget::Config,
+            ..
+        } => ErrorClass::RejectedConfig,
+        RefreshError::Transient { .. } => ErrorClass::Transient,
+        RefreshError::Unreadable { .. } => ErrorClass::Unreadable,
+    }
+}
+
+/// Builds the durable record of a session from its inner state and token.
+pub fn record_of(
+    session: &Session,
+    inner: &SessionInner,
+    token: Option<&IssuedToken>,
+    reauth_due_at: Option<SystemTime>,
+) -> StoredSession {
+    StoredSession {
+        id: session.id().clone(),
+        provider: inner.provider.to_string(),
+        labels: inner.labels.clone(),
+        refresh_token: inner.refresh_token.clone(),
+        registered_fingerprint: inner.registered_fingerprint,
+        access_token: token.map(|t| StoredAccessToken {
+            token: t.access_token.clone(),
+            expires_at: t.expires_at,
+            issued_at: t.issued_at,
+            scope: t.scope.to_string(),
+        }),
+        refresh_expiry: inner.refresh_expiry,
+        longest_refresh_lifetime_secs: inner.longest_refresh_lifetime.map(|d| d.as_secs()),
+        generation: inner.generation,
+        state: inner.state,
+        last_error: inner.last_error.clone(),
+        created_at: inner.created_at,
+        last_refresh_at: inner.last_refresh_at,
+        reauth_due_at,
+    }
+}
+
+/// The refresh engine. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Refresher {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    registry: Arc<Registry>,
+    providers: Providers,
+    store: Arc<dyn SessionStore>,
+    policy: Policy,
+    tracker: TaskTracker,
+    scheduler: SchedulerHandle,
+    shutdown: CancellationToken,
+}
+
+impl Refresher {
+    /// An engine over these parts. Flights are spawned on `tracker`.
+    pub fn new(
+        registry: Arc<Registry>,
+        providers: Providers,
+        store: Arc<dyn SessionStore>,
+        policy: Policy,
+        tracker: TaskTracker,
+        scheduler: SchedulerHandle,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                registry,
+                providers,
+                store,
+                policy,
+                tracker,
+                scheduler,
+                shutdown,
+            }),
+        }
+    }
+
+    /// Runs the timer queue on the tracker until shutdown.
+    pub fn spawn_scheduler(&self, task: SchedulerTask) {
+        let this = self.clone();
+        let shutdown = self.shared.shutdown.clone();
+        self.shared.tracker.spawn(
+            task.run(shutdown, move |id| this.on_due(&id))
+                .instrument(info_span!("refresh_scheduler")),
+        );
+    }
+
+    /// The schedule policy.
+    pub fn policy(&self) -> &Policy {
+        &self.shared.policy
+    }
+
+    /// A token fresh from a refresh of `session`: joins the refresh in flight
+    /// or starts one. With `seen_generation`, a token of a newer generation
+    /// than that one, once it exists, satisfies the call without a new refresh.
+    pub async fn refresh(
+        &self,
+        session: &Arc<Session>,
+        trigger: Trigger,
+        seen_generation: Option<u64>,
+    ) -> FlightResult {
+        match self.start_or_join(session, trigger, seen_generation) {
+            Ok(flight) => flight.wait().await,
+            Err(done) => done,
+        }
+    }
+
+    /// Starts a refresh if none is in flight, without waiting for it.
+    pub fn kick(&self, session: &Arc<Session>, trigger: Trigger) {
+        let _ = self.start_or_join(session, trigger, None);
+    }
+
+    /// The flight to wait for, or the answer right away.
+    fn start_or_join(
+        &self,
+        session: &Arc<Session>,
+        trigger: Trigger,
+        seen_generation: Option<u64>,
+    ) -> Result<Flight, FlightResult> {
+        let now = SystemTime::now();
+        let inner = session.lock();
+        if inner.deleting {
+            return Err(Err(BrokerError::SessionNotFound));
+        }
+        if inner.state == SessionState::ReauthRequired {
+            return Err(Err(reauth_error(&inner)));
+        }
+        if let Some(flight) = &inner.flight {
+            return Ok(flight.clone());
+        }
+        if let Some(seen) = seen_generation
+            && let Some(token) = session.published().token.clone()
+            && token.generation > seen
+        {
+            return Err(Ok(token));
+        }
+        if trigger.priority() == Priority::Urgent
+            && let Some(wait) = inner
+                .retry_not_before
+                .and_then(|at| at.duration_since(now).ok())
+        {
+            return Err(Err(unavailable(&inner, wait)));
+        }
+        if self.shared.shutdown.is_cancelled() {
+            return Err(Err(BrokerError::ShuttingDown));
+        }
+        Ok(self.launch(session, inner, trigger))
+    }
+
+    /// Starts a flight while the caller holds the session's lock, so that
+    /// whatever the caller checked still holds when the flight is marked.
+    fn launch(
+        &self,
+        session: &Arc<Session>,
+        mut inner: std::sync::MutexGuard<'_, SessionInner>,
+        trigger: Trigger,
+    ) -> Flight {
+        inner.flights_started += 1;
+        let seq = inner.flights_started;
+        let (tx, rx) = watch::channel(None);
+        let flight = Flight { seq, done: rx };
+        inner.flight = Some(flight.clone());
+        drop(inner);
+
+        let this = self.clone();
+        let session = session.clone();
+        let span =
+            info_span!("refresh", session_id = %session.id(), trigger = trigger.as_str(), seq);
+        self.shared.tracker.spawn(
+            async move {
+                let result = this.execute(&session, trigger).await;
+                {
+                    let mut inner = session.lock();
+                    inner.flight = None;
+                    if result.is_ok() {
+                        inner.last_ok_flight = seq;
+                    }
+                }
+                tx.send_replace(Some(result));
+                this.plan(&session);
+            }
+            .instrument(span),
+        );
+        flight
+    }
+
+    async fn execute(&self, session: &Arc<Session>, trigger: Trigger) -> FlightResult {
+        if let Some(token) = self.retry_pending_commit(session).await? {
+            return Ok(token);
+        }
+        let (provider_name, refresh_token, generation, refresh_expiry) = {
+            let inner = session.lock();
+            (
+                inner.provider.clone(),
+                inner.refresh_token.clone(),
+                inner.generation,
+                inner.refresh_expiry,
+            )
+        };
+        let Some(provider) = self.shared.providers.get(&provider_name).cloned() else {
+            return Err(BrokerError::ProviderMisconfigured {
+                provider: provider_name.to_string(),
+                description: "provider is no longer configured".into(),
+            });
+        };
+        if timing::refresh_token_lapsed(
+            refresh_expiry,
+            SystemTime::now(),
+            self.shared.policy.clock_skew,
+        ) {
+            return self
+                .end_session(session, generation, "refresh token expired".into())
+                .await;
+        }
+        let permit = provider
+            .budget
+            .acquire(trigger.priority())
+            .await
+            .map_err(|_| BrokerError::RateLimited {
+                description: format!("refresh budget of provider {} exhausted", provider.name),
+                retry_after: Duration::from_secs(1),
+            })?;
+        debug!(provider = %provider.name, "refreshing");
+        let outcome = present(&provider.client, &refresh_token).await;
+        drop(permit);
+        match outcome {
+            Ok(grant) => self.commit(session, grant, generation).await,
+            Err(error) => self.fail(session, &provider, error, generation).await,
+        }
+    }
+
+    /// Stores a new rotation, then publishes its access token.
+    async fn commit(
+        &self,
+        session: &Arc<Session>,
+        grant: TokenGrant,
+        expected: u64,
+    ) -> FlightResult {
+        let generation = expected + 1;
+        let token = Arc::new(IssuedToken {
+            access_token: grant.access_token,
+            expires_at: grant.expires_at,
+            issued_at: grant.sent_at,
+            scope: grant.scope.into(),
+            generation,
+        });
+        let record = {
+            let inner = session.lock();
+            let granted = match grant.refresh_expiry {
+                RefreshExpiry::At(at) => at.duration_since(grant.sent_at).ok(),
+                _ => None,
+            };
+            let previous_due = session.published().reauth_due_at;
+            let reauth_due_at = match grant.refresh_expiry {
+                RefreshExpiry::At(at)
+                    if granted.is_some_and(|g| {
+                        timing::hard_max_near(inner.longest_refresh_lifetime, g)
+                    }) =>
+                {
+                    Some(at)
+                }
+                _ => previous_due,
+            };
+            let mut record = record_of(session, &inner, Some(&token), reauth_due_at);
+            record.generation = generation;
+            if let Some(rotated) = grant.refresh_token {
+                record.refresh_token = rotated;
+            }
+            if grant.refresh_expiry != RefreshExpiry::Unknown {
+                record.refresh_expiry = grant.refresh_expiry;
+            }
+            record.longest_refresh_lifetime_secs = inner
+                .longest_refresh_lifetime
+                .max(granted)
+                .map(|d| d.as_secs());
+            record.last_refresh_at = Some(grant.sent_at);
+            record.last_error = None;
+            record
+        };
+        self.store_and_apply(session, record, token, expected).await
+    }
+
+    async fn store_and_apply(
+        &self,
+        session: &Arc<Session>,
+        record: StoredSession,
+        token: Arc<IssuedToken>,
+        expected: u64,
+    ) -> FlightResult {
+        match self.shared.store.update(&record, expected).await {
+            Ok(()) => {
+                let mut inner = session.lock();
+                if inner.generation != expected {
+                    // Replaced in memory meanwhile (the store would have refused too).
+                    return current_or_not_found(session);
+                }
+                inner.refresh_token = record.refresh_token.clone();
+                inner.generation = record.generation;
+                inner.refresh_expiry = record.refresh_expiry;
+                inner.longest_refresh_lifetime = record
+                    .longest_refresh_lifetime_secs
+                    .map(Duration::from_secs);
+                inner.last_refresh_at = record.last_refresh_at;
+                inner.consecutive_failures = 0;
+                inner.last_error = None;
+                inner.retry_not_before = None;
+                inner.retry_at = None;
+                inner.pending = None;
+                let reauth_due_at = record.reauth_due_at;
+                session.publish_with(|p| {
+                    p.token = Some(token.clone());
+                    p.reauth_due_at = reauth_due_at;
+                });
+                drop(inner);
+                info!(generation = record.generation, "refreshed");
+                Ok(token)
+            }
+            Err(StoreError::Conflict | StoreError::NotFound) => {
+                debug!("session replaced or deleted during the refresh; result dropped");
+                current_or_not_found(session)
+            }
+            Err(StoreError::Backend(cause)) => {
+                let mut inner = session.lock();
+                // The provider rotated: the old refresh token must never be
+                // presented again, so the new one becomes the current one now,
+                // and its access token waits until the write succeeds.
+                inner.refresh_token = record.refresh_token.clone();
+                inner.consecutive_failures += 1;
+                let description = format!("refresh could not be stored: {cause}");
+                inner.last_error = Some(SessionError {
+                    class: ErrorClass::Store,
+                    description: description.clone(),
+                    at: SystemTime::now(),
+                });
+                let retry = timing::backoff(
+                    inner.consecutive_failures,
+                    self.shared.policy.backoff_base,
+                    self.shared.policy.on_demand_backoff_cap,
+                    rand::random(),
+                );
+                inner.retry_at = Some(SystemTime::now() + retry);
+                inner.pending = Some(PendingCommit {
+                    record,
+                    token,
+                    expected_generation: expected,
+                });
+                warn!(error = %cause, "rotated refresh token not stored yet; holding it in memory");
+                Err(BrokerError::StoreUnavailable { description })
+            }
+        }
+    }
+
+    /// Writes a rotation that failed to store earlier. `Some(token)` when it
+    /// landed and its access token is still good to hand out.
+    async fn retry_pending_commit(
+        &self,
+        session: &Arc<Session>,
+    ) -> Result<Option<Arc<IssuedToken>>, BrokerError> {
+        let Some(pending) = session.lock().pending.clone() else {
+            return Ok(None);
+        };
+        let token = self
+            .store_and_apply(
+                session,
+                pending.record,
+                pending.token,
+                pending.expected_generation,
+            )
+            .await?;
+        let fresh_enough = token.remaining(SystemTime::now()) > token.lifetime() / 2;
+        Ok(fresh_enough.then_some(token))
+    }
+
+    async fn fail(
+        &self,
+        session: &Arc<Session>,
+        provider: &Provider,
+        error: RefreshError,
+        generation: u64,
+    ) -> FlightResult {
+        let class = error_class(&error);
+        if class == ErrorClass::RejectedSession {
+            return self
+                .end_session(session, generation, error.to_string())
+                .await;
+        }
+        let now = SystemTime::now();
+        let policy = &self.shared.policy;
+        let jitter: f64 = rand::random();
+        let (failures, for_callers) = {
+            let mut inner = session.lock();
+            inner.consecutive_failures += 1;
+            let failures = inner.consecutive_failures;
+            inner.last_error = Some(SessionError {
+                class,
+                description: error.to_string(),
+                at: now,
+            });
+            let retry_after = error.retry_after();
+            let background = timing::retry_delay(
+                failures,
+                retry_after,
+                policy.backoff_base,
+                policy.backoff_cap,
+                jitter,
+            );
+            let for_callers = retry_after.unwrap_or_else(|| {
+                timing::backoff(
+                    failures,
+                    policy.backoff_base,
+                    policy.on_demand_backoff_cap,
+                    jitter,
+                )
+            });
+            inner.retry_at = Some(now + background);
+            inner.retry_not_before = Some(now + for_callers);
+            (failures, for_callers)
+        };
+        warn!(provider = %provider.name, class = ?class, %error, failures, "refresh failed");
+        Err(match class {
+            ErrorClass::RejectedConfig => BrokerError::ProviderMisconfigured {
+                provider: provider.name.to_string(),
+                description: error.to_string(),
+            },
+            _ => BrokerError::ProviderUnavailable {
+                provider: provider.name.to_string(),
+                description: error.to_string(),
+                retry_after: for_callers,
+            },
+        })
+    }
+
+    /// Moves a session to `REAUTH_REQUIRED`, durably, and tells its watchers.
+    async fn end_session(
+        &self,
+        session: &Arc<Session>,
+        generation: u64,
+        description: String,
+    ) -> FlightResult {
+        let record = {
+            let mut inner = session.lock();
+            inner.state = SessionState::ReauthRequired;
+            inner.last_error = Some(SessionError {
+                class: ErrorClass::RejectedSession,
+                description: description.clone(),
+                at: SystemTime::now(),
+            });
+            inner.next_refresh_at = None;
+            record_of(session, &inner, None, session.published().reauth_due_at)
+        };
+        if let Err(error) = self.shared.store.update(&record, generation).await {
+            // The provider rejected the token anyway: on a restart the session
+            // is rejected again and lands here once more.
+            warn!(%error, "could not store the end of the session");
+        }
+        warn!(reason = %description, "session needs re-authentication");
+        session.publish_with(|p| {
+            p.token = None;
+            p.ended = Some(EndReason::ReauthenticationRequired(description.clone()));
+        });
+        self.shared.scheduler.cancel(session.id().clone());
+        Err(BrokerError::ReauthenticationRequired { description })
+    }
+
+    /// Plans the session's next wake-up in the timer queue.
+    pub fn plan(&self, session: &Arc<Session>) {
+        let published = session.published();
+        let mut inner = session.lock();
+        let at = self.planned_at(session, &inner, &published, true);
+        inner.next_refresh_at = at;
+        drop(inner);
+        match at {
+            Some(at) => {
+                let wait = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                self.shared
+                    .scheduler
+                    .schedule(session.id().clone(), tokio::time::Instant::now() + wait);
+            }
+            None => self.shared.scheduler.cancel(session.id().clone()),
+        }
+    }
+
+    fn planned_at(
+        &self,
+        session: &Session,
+        inner: &SessionInner,
+        published: &Published,
+        in_use: bool,
+    ) -> Option<SystemTime> {
+        if inner.state != SessionState::Active || inner.deleting || published.ended.is_some() {
+            return None;
+        }
+        let policy = &self.shared.policy;
+        let token = published
+            .token
+            .as_ref()
+            .map(|t| (t.issued_at, t.expires_at));
+        let last_refresh = inner
+            .last_refresh_at
+            .or(token.map(|(issued, _)| issued))
+            .unwrap_or(inner.created_at);
+        let jitter = timing::jitter_for(session.id().as_str(), inner.generation);
+        let planned = match published.reauth_due_at {
+            // The hard maximum caps the refresh token: keep-alives cannot
+            // extend it, so only check for the lapse when it comes.
+            Some(due) => {
+                let lapse_check = due + policy.clock_skew + Duration::from_secs(1);
+                let early = token.filter(|_| in_use).map(|(issued, expires)| {
+                    timing::early_refresh_at(issued, expires, policy, jitter)
+                });
+                Some(early.map_or(lapse_check, |e| e.min(lapse_check)))
+            }
+            None => timing::next_refresh_at(
+                token,
+                inner.refresh_expiry,
+                last_refresh,
+                in_use,
+                policy,
+                jitter,
+            ),
+        };
+        match (planned, inner.retry_at) {
+            (Some(planned), Some(retry)) => Some(planned.max(retry)),
+            (planned, _) => planned,
+        }
+    }
+
+    /// The timer fired for `id`: refresh if the session is in use or its
+    /// refresh token needs keeping alive, else plan the next check.
+    fn on_due(&self, id: &crate::session::SessionId) {
+        let Some(session) = self.shared.registry.get(id) else {
+            return;
+        };
+        let now = SystemTime::now();
+        let inner = session.lock();
+        if inner.flight.is_some() || inner.deleting || self.shared.shutdown.is_cancelled() {
+            return;
+        }
+        // Read under the lock: a flight publishes before it clears its marker,
+        // so this is the newest token.
+        let published = session.published();
+        let in_use = session.watchers() > 0
+            || published
+                .token
+                .as_ref()
+                .is_none_or(|t| session.last_used() >= unix_secs(t.issued_at));
+        let trigger = match self.planned_at(&session, &inner, &published, in_use) {
+            None => return,
+            Some(at) if at > now + Duration::from_millis(500) => {
+                drop(inner);
+                // Not due for this usage pattern yet: plan with the real one.
+                let wait = at.duration_since(now).unwrap_or(Duration::ZERO);
+                self.shared
+                    .scheduler
+                    .schedule(id.clone(), tokio::time::Instant::now() + wait);
+                return;
+            }
+            Some(_) => {
+                let early_due = published.token.as_ref().is_none_or(|t| {
+                    now >= timing::early_refresh_at(
+                        t.issued_at,
+                        t.expires_at,
+                        &self.shared.policy,
+                        timing::jitter_for(id.as_str(), inner.generation),
+                    )
+                });
+                if in_use && early_due {
+                    Trigger::Ahead
+                } else {
+                    Trigger::KeepAlive
+                }
+            }
+        };
+        if inner.state == SessionState::Active {
+            self.launch(&session, inner, trigger);
+        }
+    }
+}
+
+fn reauth_error(inner: &SessionInner) -> BrokerError {
+    BrokerError::ReauthenticationRequired {
+        description: inner.last_error.as_ref().map_or_else(
+            || "refresh token rejected".to_string(),
+            |e| e.description.clone(),
+        ),
+    }
+}
+
+fn unavailable(inner: &SessionInner, retry_after: Duration) -> BrokerError {
+    BrokerError::ProviderUnavailable {
+        provider: inner.provider.to_string(),
+        description: inner.last_error.as_ref().map_or_else(
+            || "provider unavailable".to_string(),
+            |e| e.description.clone(),
+        ),
+        retry_after,
+    }
+}
+
+fn current_or_not_found(session: &Session) -> FlightResult {
+    let published = session.published();
+    match (&published.ended, &published.token) {
+        (None, Some(token)) if token.expires_at > SystemTime::now() => Ok(token.clone()),
+        _ => Err(BrokerError::SessionNotFound),
+    }
+}

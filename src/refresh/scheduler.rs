@@ -1,0 +1,118 @@
+//! One timer queue for every session's next refresh: a single task owning a
+//! `DelayQueue` (a hierarchical timer wheel), fed by commands. A million
+//! sessions cost a million wheel entries, not a million sleeping tasks.
+
+use std::collections::HashMap;
+
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::{DelayQueue, delay_queue};
+
+use crate::session::SessionId;
+
+enum Command {
+    At(SessionId, Instant),
+    Cancel(SessionId),
+}
+
+/// Sends plans to the scheduler task. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl SchedulerHandle {
+    /// Plans the next wake-up of `id` at `when`, replacing any earlier plan.
+    pub fn schedule(&self, id: SessionId, when: Instant) {
+        // A closed channel means shutdown: nothing left to plan.
+        let _ = self.tx.send(Command::At(id, when));
+    }
+
+    /// Forgets any plan for `id`.
+    pub fn cancel(&self, id: SessionId) {
+        let _ = self.tx.send(Command::Cancel(id));
+    }
+}
+
+/// The receiving half, turned into a task by [`SchedulerTask::run`].
+#[derive(Debug)]
+pub struct SchedulerTask {
+    rx: mpsc::UnboundedReceiver<Command>,
+}
+
+/// A scheduler's handle and its not-yet-running task.
+pub fn channel() -> (SchedulerHandle, SchedulerTask) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (SchedulerHandle { tx }, SchedulerTask { rx })
+}
+
+impl SchedulerTask {
+    /// Runs until `shutdown`, calling `due` (which must not block) for each
+    /// session whose time has come.
+    pub async fn run(mut self, shutdown: CancellationToken, due: impl Fn(SessionId)) {
+        let mut queue: DelayQueue<SessionId> = DelayQueue::new();
+        let mut keys: HashMap<SessionId, delay_queue::Key> = HashMap::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                command = self.rx.recv() => match command {
+                    Some(Command::At(id, when)) => match keys.get(&id) {
+                        Some(key) => queue.reset_at(key, when),
+                        None => {
+                            let key = queue.insert_at(id.clone(), when);
+                            keys.insert(id, key);
+                        }
+                    },
+                    Some(Command::Cancel(id)) => {
+                        if let Some(key) = keys.remove(&id) {
+                            queue.remove(&key);
+                        }
+                    }
+                    None => break,
+                },
+                Some(expired) = queue.next(), if !queue.is_empty() => {
+                    let id = expired.into_inner();
+                    keys.remove(&id);
+                    due(id);
+                }
+            }
+        }
+        tracing::debug!(planned = keys.len(), "refresh scheduler stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_in_time_order_and_honours_reschedule_and_cancel() {
+        let (handle, task) = channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(task.run(shutdown.clone(), move |id| {
+            let _ = tx.send((id, Instant::now()));
+        }));
+        let start = Instant::now();
+        let id = |s: &str| SessionId::parse(s).unwrap();
+        handle.schedule(id("b"), start + Duration::from_secs(20));
+        handle.schedule(id("a"), start + Duration::from_secs(10));
+        handle.schedule(id("c"), start + Duration::from_secs(5));
+        handle.cancel(id("c"));
+        handle.schedule(id("b"), start + Duration::from_secs(30)); // moved later
+        let (first, at) = rx.recv().await.unwrap();
+        assert_eq!((first.as_str(), at - start), ("a", Duration::from_secs(10)));
+        let (second, at) = rx.recv().await.unwrap();
+        assert_eq!(
+            (second.as_str(), at - start),
+            ("b", Duration::from_secs(30))
+        );
+        shutdown.cancel();
+        run.await.unwrap();
+        assert!(rx.try_recv().is_err(), "the cancelled session never fired");
+    }
+}

@@ -1,0 +1,267 @@
+//! Session state: what one registered login is, what callers may see of it,
+//! and the registry that holds them all.
+//!
+//! A [`Session`] keeps two things apart:
+//! - the **published** view (`watch` channel of [`Published`]): the current
+//!   access token, the phase, warnings. The hot path and the watch streams read
+//!   only this, without taking the session's mutex;
+//! - the **inner** state ([`SessionInner`], a `std::sync::Mutex`): the refresh
+//!   token, generation, failure bookkeeping and the in-flight refresh marker.
+//!   It is locked for short, synchronous sections only — never across `.await`.
+
+mod id;
+mod registry;
+
+pub use id::{
+    Labels, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_SESSION_ID_LEN, SessionId,
+    validate_labels,
+};
+pub use registry::Registry;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::oidc::RefreshExpiry;
+use crate::refresh::{Flight, PendingCommit};
+use crate::secret::{AccessToken, RefreshToken};
+
+/// An access token as handed to callers, with its generation.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// The bearer token.
+    pub access_token: AccessToken,
+    /// When it stops being valid.
+    pub expires_at: SystemTime,
+    /// When the request that obtained it was sent (its lifetime starts here).
+    pub issued_at: SystemTime,
+    /// Granted scope (may be empty).
+    pub scope: Arc<str>,
+    /// The session generation this token belongs to.
+    pub generation: u64,
+}
+
+impl IssuedToken {
+    /// Time left at `now` (zero when expired).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Whether it stays valid for at least `ttl` after `now`.
+    pub fn valid_for(&self, now: SystemTime, ttl: Duration) -> bool {
+        self.expires_at > now && self.remaining(now) >= ttl
+    }
+
+    /// The lifetime the identity provider granted.
+    pub fn lifetime(&self) -> Duration {
+        self.expires_at
+            .duration_since(self.issued_at)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// Lifecycle state (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Usable.
+    Active,
+    /// The identity provider rejected the refresh token; terminal until re-registered.
+    ReauthRequired,
+}
+
+impl SessionState {
+    /// Stable lowercase name, for storage and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::ReauthRequired => "reauth_required",
+        }
+    }
+}
+
+/// The class of the last failure, as shown in session metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The provider refused the refresh token.
+    RejectedSession,
+    /// The provider refused the broker's client configuration.
+    RejectedConfig,
+    /// Network, timeout, 5xx, 429.
+    Transient,
+    /// The answer could not be read.
+    Unreadable,
+    /// The refresh succeeded but could not be stored.
+    Store,
+}
+
+/// The last failure of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionError {
+    /// What kind of failure.
+    pub class: ErrorClass,
+    /// Human-readable reason (never a token).
+    pub description: String,
+    /// When it happened.
+    pub at: SystemTime,
+}
+
+/// Why a session ended, as told to its watchers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The user must log in again.
+    ReauthenticationRequired(String),
+    /// The session was deleted.
+    Deleted,
+}
+
+/// What callers may see of a session: published through a `watch` channel.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The current access token, if any.
+    pub token: Option<Arc<IssuedToken>>,
+    /// Set once the session has ended; no token follows.
+    pub ended: Option<EndReason>,
+    /// Set when the refresh token's hard maximum is near: the user must log in again by then.
+    pub reauth_due_at: Option<SystemTime>,
+}
+
+/// The mutable state of a session; locked only for short synchronous sections.
+#[derive(Debug)]
+pub struct SessionInner {
+    /// Provider name (a key of the configured providers).
+    pub provider: Arc<str>,
+    /// Caller labels.
+    pub labels: Labels,
+    /// The newest refresh token received; the only one that may be presented.
+    pub refresh_token: RefreshToken,
+    /// Fingerprint of the refresh token the caller registered (idempotent re-registration).
+    pub registered_fingerprint: [u8; 32],
+    /// When the refresh token lapses.
+    pub refresh_expiry: RefreshExpiry,
+    /// The longest refresh lifetime the provider has granted this session; a
+    /// shorter one later means the hard maximum caps it.
+    pub longest_refresh_lifetime: Option<Duration>,
+    /// Bumped by every successful refresh; the compare-and-swap key in the store.
+    pub generation: u64,
+    /// Lifecycle state.
+    pub state: SessionState,
+    /// When the session was registered.
+    pub created_at: SystemTime,
+    /// When the last successful refresh was sent.
+    pub last_refresh_at: Option<SystemTime>,
+    /// The next planned refresh (for inspection).
+    pub next_refresh_at: Option<SystemTime>,
+    /// Failed refreshes since the last success.
+    pub consecutive_failures: u32,
+    /// The last failure.
+    pub last_error: Option<SessionError>,
+    /// No on-demand refresh before this (provider `Retry-After` or backoff).
+    pub retry_not_before: Option<SystemTime>,
+    /// No background retry before this (backoff after a failure).
+    pub retry_at: Option<SystemTime>,
+    /// A rotation received but not yet stored: written first on the next attempt.
+    pub pending: Option<PendingCommit>,
+    /// The refresh in flight, if any (single-flight marker).
+    pub flight: Option<Flight>,
+    /// Refreshes started so far (sequence numbers of flights).
+    pub flights_started: u64,
+    /// Sequence number of the last flight that succeeded.
+    pub last_ok_flight: u64,
+    /// Set by delete: no refresh may start any more.
+    pub deleting: bool,
+}
+
+/// One registered login.
+#[derive(Debug)]
+pub struct Session {
+    id: SessionId,
+    published: watch::Sender<Arc<Published>>,
+    inner: Mutex<SessionInner>,
+    /// Unix seconds of the last `GetAccessToken`, so idle sessions cost no refreshes.
+    last_used: AtomicU64,
+}
+
+impl Session {
+    /// A session with its initial state and published view.
+    pub fn new(id: SessionId, inner: SessionInner, published: Published) -> Self {
+        let (tx, _) = watch::channel(Arc::new(published));
+        Self {
+            id,
+            published: tx,
+            inner: Mutex::new(inner),
+            last_used: AtomicU64::new(0),
+        }
+    }
+
+    /// Consumes the session, returning its inner state.
+    pub fn into_inner(self) -> SessionInner {
+        self.inner
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The session id.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// The published view (cheap: an `Arc` clone under a short read lock).
+    pub fn published(&self) -> Arc<Published> {
+        self.published.borrow().clone()
+    }
+
+    /// Replaces the published view and wakes every watcher.
+    pub fn publish(&self, published: Published) {
+        self.published.send_replace(Arc::new(published));
+    }
+
+    /// Changes the published view in place and wakes every watcher.
+    pub fn publish_with(&self, change: impl FnOnce(&mut Published)) {
+        let mut next = Published::clone(&self.published.borrow());
+        change(&mut next);
+        self.publish(next);
+    }
+
+    /// A receiver for watch streams.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.subscribe()
+    }
+
+    /// Number of open watch streams.
+    pub fn watchers(&self) -> usize {
+        self.published.receiver_count()
+    }
+
+    /// Locks the inner state. Callers must not hold the guard across `.await`.
+    pub fn lock(&self) -> MutexGuard<'_, SessionInner> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a use at `now` (unix seconds).
+    pub fn touch(&self, now_unix: u64) {
+        // Skip the store when the second has not changed: keeps the hot path's
+        // cache line shared among readers.
+        if self.last_used.load(Ordering::Relaxed) != now_unix {
+            self.last_used.store(now_unix, Ordering::Relaxed);
+        }
+    }
+
+    /// Unix seconds of the last use (0: never).
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,62 @@
+//! The in-memory registry of sessions, keyed by id.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use super::{Session, SessionId};
+
+/// All sessions of this node. Lookups clone the `Arc` and drop the shard
+/// guard at once, so no guard ever lives across an `.await`.
+#[derive(Debug, Default)]
+pub struct Registry {
+    sessions: DashMap<SessionId, Arc<Session>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The session with this id.
+    pub fn get(&self, id: &SessionId) -> Option<Arc<Session>> {
+        self.sessions.get(id).map(|entry| entry.value().clone())
+    }
+
+    /// Looks up by raw id text without validating it.
+    pub fn get_str(&self, id: &str) -> Option<Arc<Session>> {
+        // SessionId hashes and compares as its text.
+        SessionId::parse(id).ok().and_then(|id| self.get(&id))
+    }
+
+    /// Inserts or replaces.
+    pub fn insert(&self, session: Arc<Session>) {
+        self.sessions.insert(session.id().clone(), session);
+    }
+
+    /// Removes the session if it is still this very one.
+    pub fn remove_exact(&self, session: &Arc<Session>) -> bool {
+        self.sessions
+            .remove_if(session.id(), |_, current| Arc::ptr_eq(current, session))
+            .is_some()
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// A snapshot of all sessions (for listing and loading); clones `Arc`s only.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.sessions
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect()
+    }
+}

@@ -1,0 +1,108 @@
+//! Durable session storage behind one trait.
+//!
+//! The refresh engine writes a rotated refresh token through
+//! [`SessionStore::update`] — a compare-and-swap on the generation — before the
+//! new access token is published (persist before use). Implementations:
+//! [`MemoryStore`] (tests and demos); SQLite and PostgreSQL follow.
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::oidc::RefreshExpiry;
+use crate::secret::{AccessToken, RefreshToken};
+use crate::session::{Labels, SessionError, SessionId, SessionState};
+
+/// Everything needed to bring a session back after a restart.
+#[derive(Debug, Clone)]
+pub struct StoredSession {
+    /// Session id.
+    pub id: SessionId,
+    /// Provider name.
+    pub provider: String,
+    /// Caller labels.
+    pub labels: Labels,
+    /// The newest refresh token.
+    pub refresh_token: RefreshToken,
+    /// Fingerprint of the refresh token as registered.
+    pub registered_fingerprint: [u8; 32],
+    /// The current access token, if any.
+    pub access_token: Option<StoredAccessToken>,
+    /// When the refresh token lapses.
+    pub refresh_expiry: RefreshExpiry,
+    /// Longest refresh lifetime granted so far (seconds).
+    pub longest_refresh_lifetime_secs: Option<u64>,
+    /// Compare-and-swap key; bumped by every refresh.
+    pub generation: u64,
+    /// Lifecycle state.
+    pub state: SessionState,
+    /// The last failure, if it ended the session.
+    pub last_error: Option<SessionError>,
+    /// Registration time.
+    pub created_at: SystemTime,
+    /// When the last successful refresh was sent.
+    pub last_refresh_at: Option<SystemTime>,
+    /// When the user must log in again, if known.
+    pub reauth_due_at: Option<SystemTime>,
+}
+
+/// An access token as stored.
+#[derive(Debug, Clone)]
+pub struct StoredAccessToken {
+    /// The token.
+    pub token: AccessToken,
+    /// Expiry.
+    pub expires_at: SystemTime,
+    /// When the request that obtained it was sent.
+    pub issued_at: SystemTime,
+    /// Granted scope.
+    pub scope: String,
+}
+
+/// How an insert treats an existing row with the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertMode {
+    /// Fail with [`StoreError::Conflict`] if the id exists.
+    New,
+    /// Overwrite the row if its generation is still this one.
+    Replace {
+        /// Generation of the row being replaced.
+        expected_generation: u64,
+    },
+}
+
+/// Store failures.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The id exists (insert) or its generation moved on (update).
+    #[error("conflict: the session changed concurrently")]
+    Conflict,
+    /// No row with this id.
+    #[error("session not found in store")]
+    NotFound,
+    /// The backend failed; the write may not have happened.
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// Where sessions live durably. All methods are atomic per session.
+#[async_trait]
+pub trait SessionStore: Send + Sync + std::fmt::Debug {
+    /// Every stored session (at start).
+    async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError>;
+    /// Stores a new session, or replaces one whose generation is unchanged.
+    async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError>;
+    /// Writes `session` if the stored generation is still `expected_generation`;
+    /// durable when it returns `Ok`.
+    async fn update(
+        &self,
+        session: &StoredSession,
+        expected_generation: u64,
+    ) -> Result<(), StoreError>;
+    /// Deletes; `false` if there was nothing to delete.
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError>;
+}

@@ -1,0 +1,804 @@
+//! End-to-end behaviour of the broker: a real tonic server and a real dev IdP
+//! over HTTP on 127.0.0.1, driven through the generated gRPC client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{TestBroker, assert_error, duration, next_event};
+use tokenbroker::devidp::{Fault, FaultAction};
+use tokenbroker::pb;
+use tokenbroker::pb::watch_token_response::Event;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn register_get_then_the_ahead_of_expiry_refresh_arrives_on_a_watch() {
+    let mut t = TestBroker::new()
+        .realm(|r| r.access_token_lifespan_secs = 3)
+        .start()
+        .await;
+    let (login, session) = t.register("alice", "alice").await;
+    assert_eq!(session.state, pb::SessionState::Active as i32);
+    assert_eq!(session.generation, 1);
+
+    // Registration validated the token with one refresh.
+    assert_eq!(t.idp().stats().refreshes_succeeded, 1);
+    let token = t.get("alice", Some(SECOND), false).await.unwrap();
+    assert_eq!(token.token_type, "Bearer");
+    assert_eq!(token.generation, 1);
+    assert_ne!(
+        token.access_token, login.access_token,
+        "a fresh token, not the login's"
+    );
+
+    let mut stream = t
+        .client
+        .watch_token(pb::WatchTokenRequest {
+            session_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Event::Token(first)) = next_event(&mut stream, 5 * SECOND).await else {
+        panic!("the current token comes first");
+    };
+    assert_eq!(first.access_token, token.access_token);
+    // At about 75% of the 3 s life, the watched session refreshes by itself.
+    let Some(Event::Token(second)) = next_event(&mut stream, 10 * SECOND).await else {
+        panic!("a refreshed token follows");
+    };
+    assert_eq!(second.generation, 2);
+    assert_ne!(second.access_token, first.access_token);
+    assert!(second.expires_at.unwrap().seconds >= first.expires_at.unwrap().seconds);
+    let info = t.session("alice").await.unwrap();
+    assert_eq!(info.generation, 2);
+    assert!(info.last_refresh_at.is_some());
+    assert_eq!(t.idp().stats().stale_presentations, 0);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_gets_on_an_expired_session_make_one_refresh() {
+    let mut t = TestBroker::new().start().await;
+    t.register_with_token("bob", "bob", Duration::ZERO).await;
+    assert_eq!(t.idp().stats().refreshes_succeeded, 0);
+
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let mut client = t.client.clone();
+        calls.spawn(async move {
+            client
+                .get_access_token(pb::GetAccessTokenRequest {
+                    session_id: "bob".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().token.unwrap().access_token)
+        });
+    }
+    let mut tokens = HashSet::new();
+    while let Some(result) = calls.join_next().await {
+        tokens.insert(result.unwrap().expect("every caller gets a token"));
+    }
+    assert_eq!(tokens.len(), 1, "all callers share the one new token");
+    let stats = t.idp().stats();
+    assert_eq!(stats.refreshes_succeeded, 1, "{stats:?}");
+    assert_eq!(stats.token_requests, 1, "{stats:?}");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn no_refresh_token_is_presented_again_across_many_refreshes_and_forced_refreshes() {
+    let mut t = TestBroker::new()
+        .realm(|r| r.access_token_lifespan_secs = 2)
+        .start()
+        .await;
+    let (login, _) = t.register("carol", "carol").await;
+    let mut seen_generation = 1;
+    for round in 0..40 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let mut client = t.client.clone();
+            let force = (round + i) % 3 == 0;
+            let min_ttl = if i % 2 == 0 { 1 } else { 5 };
+            calls.spawn(async move {
+                client
+                    .get_access_token(pb::GetAccessTokenRequest {
+                        session_id: "carol".into(),
+                        min_ttl: Some(duration(Duration::from_secs(min_ttl))),
+                        force_refresh: force,
+                    })
+                    .await
+                    .map(|r| r.into_inner().token.unwrap())
+            });
+        }
+        while let Some(result) = calls.join_next().await {
+            let token = result.unwrap().expect("every call succeeds");
+            seen_generation = seen_generation.max(token.generation);
+        }
+    }
+    let family = t.idp().family(&login.session_state).unwrap();
+    assert!(family.refreshes_succeeded >= 20, "{family:?}");
+    assert_eq!(family.stale_presentations, 0, "{family:?}");
+    assert_eq!(family.replays_rejected, 0, "{family:?}");
+    assert_eq!(
+        family.max_in_flight, 1,
+        "never two presentations at once: {family:?}"
+    );
+    assert!(
+        seen_generation > 20,
+        "callers saw the refreshes: {seen_generation}"
+    );
+    assert!(
+        seen_generation <= family.refreshes_succeeded,
+        "one generation per refresh at most"
+    );
+    let info = t.session("carol").await.unwrap();
+    assert_eq!(info.state, pb::SessionState::Active as i32);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_retried_once_and_without_reuse_ends_in_reauthentication() {
+    let mut t = TestBroker::new().start().await;
+    let (login, _) = t.register("dave", "dave").await;
+    t.idp()
+        .push_fault(Fault::once(FaultAction::DropAfterProcessing));
+    assert_error(
+        t.get("dave", None, true).await,
+        Code::FailedPrecondition,
+        "REAUTHENTICATION_REQUIRED",
+    );
+    let family = t.idp().family(&login.session_state).unwrap();
+    // The retry presented the token whose successor was lost with the answer: once.
+    assert_eq!(family.stale_presentations, 1, "{family:?}");
+    let info = t.session("dave").await.unwrap();
+    assert_eq!(info.state, pb::SessionState::ReauthRequired as i32);
+    // Terminal: no further attempt reaches the IdP.
+    let before = t.idp().stats().token_requests;
+    assert_error(
+        t.get("dave", None, false).await,
+        Code::FailedPrecondition,
+        "REAUTHENTICATION_REQUIRED",
+    );
+    assert_eq!(t.idp().stats().token_requests, before);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_retried_once_and_with_reuse_one_keeps_the_session() {
+    let mut t = TestBroker::new()
+        .realm(|r| r.refresh_token_max_reuse = 1)
+        .start()
+        .await;
+    let (login, _) = t.register("erin", "erin").await;
+    t.idp()
+        .push_fault(Fault::once(FaultAction::DropAfterProcessing));
+    let token = t.get("erin", None, true).await.expect("the retry succeeds");
+    assert_eq!(token.generation, 2);
+    let family = t.idp().family(&login.session_state).unwrap();
+    assert_eq!(family.reuses_allowed, 1, "{family:?}");
+    assert_eq!(family.replays_rejected, 0, "{family:?}");
+    // The session goes on with the newest token.
+    let next = t.get("erin", None, true).await.unwrap();
+    assert_eq!(next.generation, 3);
+    assert_eq!(
+        t.idp()
+            .family(&login.session_state)
+            .unwrap()
+            .replays_rejected,
+        0
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_grant_requires_reauthentication_and_ends_watch_streams() {
+    let mut t = TestBroker::new().start().await;
+    let (login, _) = t.register("frank", "frank").await;
+    let mut stream = t
+        .client
+        .watch_token(pb::WatchTokenRequest {
+            session_id: "frank".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+
+    assert!(t.idp().end_session(&login.session_state));
+    let status = assert_error(
+        t.get("frank", None, true).await,
+        Code::FailedPrecondition,
+        "REAUTHENTICATION_REQUIRED",
+    );
+    assert!(
+        status.message().contains("Session not active"),
+        "{status:?}"
+    );
+    let Some(Event::Ended(ended)) = next_event(&mut stream, 5 * SECOND).await else {
+        panic!("watchers get the terminal event");
+    };
+    assert_eq!(
+        ended.reason,
+        pb::session_ended::Reason::ReauthenticationRequired as i32
+    );
+    assert!(
+        next_event(&mut stream, 5 * SECOND).await.is_none(),
+        "the stream ends"
+    );
+    let info = t.session("frank").await.unwrap();
+    assert_eq!(info.state, pb::SessionState::ReauthRequired as i32);
+    assert_eq!(
+        info.last_error.unwrap().class,
+        pb::ErrorClass::RejectedSession as i32
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn an_idp_outage_serves_the_cached_token_then_unavailable_then_recovers() {
+    // Keycloak's default (no refresh-token revocation): a timed-out refresh
+    // that the IdP did process costs nothing.
+    let mut t = TestBroker::new()
+        .realm(|r| r.revoke_refresh_token = false)
+        .config(|c| c.providers.get_mut("apiax").unwrap().request_timeout_ms = 500)
+        .start()
+        .await;
+    let (login, _) = t.register("grace", "grace").await;
+    let cached = t.get("grace", None, false).await.unwrap();
+
+    t.idp().set_faults(vec![Fault::always(FaultAction::Status {
+        status: 500,
+        body: r#"{"error":"unknown_error"}"#.into(),
+        retry_after: None,
+    })]);
+    // Still valid for the default min_ttl: served from memory.
+    let again = t.get("grace", None, false).await.unwrap();
+    assert_eq!(again.access_token, cached.access_token);
+    // Not valid for 2 h: the refresh fails.
+    let status = assert_error(
+        t.get("grace", Some(7200 * SECOND), false).await,
+        Code::Unavailable,
+        "PROVIDER_UNAVAILABLE",
+    );
+    assert!(
+        status
+            .get_details_retry_info()
+            .unwrap()
+            .retry_delay
+            .is_some()
+    );
+
+    // Timeouts: the IdP holds every answer past the broker's timeout.
+    t.idp()
+        .set_faults(vec![Fault::always(FaultAction::Delay { ms: 1500 })]);
+    tokio::time::sleep(Duration::from_millis(300)).await; // past the on-demand backoff
+    let status = assert_error(
+        t.get("grace", Some(7200 * SECOND), true).await,
+        Code::Unavailable,
+        "PROVIDER_UNAVAILABLE",
+    );
+    assert!(status.get_details_retry_info().is_some());
+    let info = t.session("grace").await.unwrap();
+    assert_eq!(info.state, pb::SessionState::Active as i32);
+    assert!(info.consecutive_failures >= 2, "{info:?}");
+    assert_eq!(
+        info.last_error.unwrap().class,
+        pb::ErrorClass::Transient as i32
+    );
+
+    // The IdP comes back: the session recovers.
+    t.idp().clear_faults();
+    let mut recovered = None;
+    for _ in 0..50 {
+        match t.get("grace", Some(7200 * SECOND), false).await {
+            Ok(token) => {
+                recovered = Some(token);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let recovered = recovered.expect("the session recovers once the IdP is back");
+    assert!(recovered.generation > cached.generation);
+    let info = t.session("grace").await.unwrap();
+    assert_eq!(info.consecutive_failures, 0);
+    assert!(info.last_error.is_none());
+    assert!(t.idp().family(&login.session_state).is_some());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_are_invalid_argument() {
+    let mut t = TestBroker::new().start().await;
+    t.register("valid", "valid").await;
+    let login = t.idp().login("someone");
+    let register = |mutate: &dyn Fn(&mut pb::RegisterSessionRequest)| {
+        let mut request = pb::RegisterSessionRequest {
+            session_id: "s1".into(),
+            refresh_token: login.refresh_token.clone(),
+            ..Default::default()
+        };
+        mutate(&mut request);
+        request
+    };
+    let cases: Vec<(&str, pb::RegisterSessionRequest)> = vec![
+        (
+            "oversized id",
+            register(&|r| r.session_id = "a".repeat(129)),
+        ),
+        ("bad charset", register(&|r| r.session_id = "a b".into())),
+        (
+            "control char",
+            register(&|r| r.session_id = "a\u{7}".into()),
+        ),
+        (
+            "empty refresh token",
+            register(&|r| r.refresh_token.clear()),
+        ),
+        (
+            "oversized refresh token",
+            register(&|r| r.refresh_token = "x".repeat(17 * 1024)),
+        ),
+        (
+            "refresh token with spaces",
+            register(&|r| r.refresh_token = "a b".into()),
+        ),
+        (
+            "unknown provider",
+            register(&|r| r.provider = "nope".into()),
+        ),
+        (
+            "too many labels",
+            register(&|r| r.labels = (0..33).map(|i| (format!("k{i}"), "v".into())).collect()),
+        ),
+        (
+            "oversized label",
+            register(&|r| {
+                r.labels.insert("k".into(), "v".repeat(257));
+            }),
+        ),
+        (
+            "bad label key",
+            register(&|r| {
+                r.labels.insert("a b".into(), "v".into());
+            }),
+        ),
+        (
+            "negative expires_in",
+            register(&|r| {
+                r.access_token = "at".into();
+                r.expires_in = Some(prost_types::Duration {
+                    seconds: -5,
+                    nanos: 0,
+                });
+            }),
+        ),
+        (
+            "expires_in without access token",
+            register(&|r| r.expires_in = Some(duration(SECOND))),
+        ),
+    ];
+    for (name, request) in cases {
+        let status = assert_error(
+            t.client.register_session(request).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        );
+        assert!(
+            status.get_details_bad_request().is_some(),
+            "{name}: {status:?}"
+        );
+    }
+    // Nothing of the above reached the IdP or got stored.
+    assert_eq!(t.idp().stats().refreshes_succeeded, 1);
+    assert_error(t.session("s1").await, Code::NotFound, "SESSION_NOT_FOUND");
+
+    let negative_ttl = t
+        .client
+        .get_access_token(pb::GetAccessTokenRequest {
+            session_id: "valid".into(),
+            min_ttl: Some(prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            }),
+            force_refresh: false,
+        })
+        .await;
+    assert_error(negative_ttl, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_error(
+        t.get("", None, false).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_error(
+        t.get(&"x".repeat(200), None, false).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_error(
+        t.client
+            .watch_token(pb::WatchTokenRequest {
+                session_id: "bad id".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_error(
+        t.client
+            .delete_session(pb::DeleteSessionRequest {
+                session_id: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_error(
+        t.client
+            .list_sessions(pb::ListSessionsRequest {
+                page_size: 5000,
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_error(
+        t.client
+            .list_sessions(pb::ListSessionsRequest {
+                page_token: "not a token".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    // The broker is still healthy.
+    t.get("valid", None, false).await.unwrap();
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn registration_is_idempotent_exclusive_and_replaceable() {
+    let mut t = TestBroker::new().start().await;
+    let login = t.idp().login("henry");
+    let request = pb::RegisterSessionRequest {
+        session_id: "henry".into(),
+        refresh_token: login.refresh_token.clone(),
+        labels: [("team".to_string(), "payments".to_string())].into(),
+        ..Default::default()
+    };
+    let first = t
+        .client
+        .register_session(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    let again = t
+        .client
+        .register_session(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created, "same id, same refresh token: idempotent");
+    assert_eq!(
+        t.idp().stats().refreshes_succeeded,
+        1,
+        "the repeat made no refresh"
+    );
+
+    let other = t.idp().login("henry");
+    let mut different = request.clone();
+    different.refresh_token = other.refresh_token.clone();
+    assert_error(
+        t.client.register_session(different.clone()).await,
+        Code::AlreadyExists,
+        "SESSION_EXISTS",
+    );
+
+    different.replace = true;
+    let replaced = t
+        .client
+        .register_session(different)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replaced.created);
+    let token = t.get("henry", None, true).await.unwrap();
+    assert!(token.generation > 1);
+    // The refreshes after the replacement belong to the new login.
+    assert!(
+        t.idp()
+            .family(&other.session_state)
+            .unwrap()
+            .refreshes_succeeded
+            >= 1
+    );
+
+    // An empty id makes a fresh one.
+    let generated = t
+        .client
+        .register_session(pb::RegisterSessionRequest {
+            refresh_token: t.idp().login("ivy").refresh_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!generated.session.unwrap().session_id.is_empty());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_refresh_token_fails_registration_and_is_not_stored() {
+    let mut t = TestBroker::new().start().await;
+    let login = t.idp().login("jack");
+    t.idp().end_session(&login.session_state);
+    let status = assert_error(
+        t.client
+            .register_session(pb::RegisterSessionRequest {
+                session_id: "jack".into(),
+                refresh_token: login.refresh_token,
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "REAUTHENTICATION_REQUIRED",
+    );
+    assert!(
+        !status.message().contains("eyJ"),
+        "no token in errors: {status:?}"
+    );
+    assert_error(t.session("jack").await, Code::NotFound, "SESSION_NOT_FOUND");
+    assert_error(
+        t.client
+            .register_session(pb::RegisterSessionRequest {
+                session_id: "garbage".into(),
+                refresh_token: "not-a-token".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "REAUTHENTICATION_REQUIRED",
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_client_id_is_a_provider_misconfiguration() {
+    let mut t = TestBroker::new()
+        .config(|c| c.providers.get_mut("apiax").unwrap().client_id = "someone-else".into())
+        .start()
+        .await;
+    let login = t.idp().login("kate");
+    assert_error(
+        t.client
+            .register_session(pb::RegisterSessionRequest {
+                session_id: "kate".into(),
+                refresh_token: login.refresh_token,
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "PROVIDER_MISCONFIGURED",
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn delete_logs_out_upstream_and_ends_streams() {
+    let mut t = TestBroker::new().start().await;
+    let (login, _) = t.register("leo", "leo").await;
+    let mut stream = t
+        .client
+        .watch_token(pb::WatchTokenRequest {
+            session_id: "leo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+    let answer = t
+        .client
+        .delete_session(pb::DeleteSessionRequest {
+            session_id: "leo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.logged_out_upstream);
+    assert_eq!(t.idp().stats().logouts, 1);
+    let Some(Event::Ended(ended)) = next_event(&mut stream, 5 * SECOND).await else {
+        panic!("watchers learn of the deletion");
+    };
+    assert_eq!(ended.reason, pb::session_ended::Reason::Deleted as i32);
+    assert!(next_event(&mut stream, 5 * SECOND).await.is_none());
+    assert_error(
+        t.get("leo", None, false).await,
+        Code::NotFound,
+        "SESSION_NOT_FOUND",
+    );
+    assert_error(
+        t.client
+            .delete_session(pb::DeleteSessionRequest {
+                session_id: "leo".into(),
+            })
+            .await,
+        Code::NotFound,
+        "SESSION_NOT_FOUND",
+    );
+    // The IdP ended the SSO session: the old refresh token is dead there too.
+    let family = t.idp().family(&login.session_state).unwrap();
+    assert_ne!(format!("{:?}", family.state), "Active", "{family:?}");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn list_pages_and_filters_and_never_shows_tokens() {
+    let mut t = TestBroker::new().start().await;
+    for i in 0..7 {
+        let login = t.idp().login(&format!("u{i}"));
+        t.client
+            .register_session(pb::RegisterSessionRequest {
+                session_id: format!("tenant-a/u{i}"),
+                refresh_token: login.refresh_token,
+                access_token: login.access_token,
+                expires_in: Some(duration(Duration::from_secs(600))),
+                labels: [(
+                    "tier".to_string(),
+                    if i % 2 == 0 { "gold" } else { "free" }.to_string(),
+                )]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = t
+            .client
+            .list_sessions(pb::ListSessionsRequest {
+                page_size: 3,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.sessions.len() <= 3);
+        ids.extend(page.sessions.iter().map(|s| s.session_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..7).map(|i| format!("tenant-a/u{i}")).collect();
+    assert_eq!(ids, expected, "every session once, in id order");
+
+    let gold = t
+        .client
+        .list_sessions(pb::ListSessionsRequest {
+            label_selector: [("tier".to_string(), "gold".to_string())].into(),
+            state: pb::SessionState::Active as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gold.sessions.len(), 4);
+    let reauth = t
+        .client
+        .list_sessions(pb::ListSessionsRequest {
+            state: pb::SessionState::ReauthRequired as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reauth.sessions.is_empty());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn watchers_are_warned_when_the_hard_maximum_nears() {
+    // The SSO session maximum (60 s) caps the refresh token below what the
+    // login promised (1 h): re-login is due, and watchers hear of it.
+    let mut t = TestBroker::new()
+        .realm(|r| {
+            r.sso_session_max_secs = 60;
+            r.sso_session_idle_secs = 3600;
+        })
+        .start()
+        .await;
+    let login = t.idp().login("mia");
+    t.client
+        .register_session(pb::RegisterSessionRequest {
+            session_id: "mia".into(),
+            refresh_token: login.refresh_token,
+            access_token: login.access_token,
+            expires_in: Some(duration(Duration::from_secs(600))),
+            refresh_expires_in: Some(duration(Duration::from_secs(3600))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = t
+        .client
+        .watch_token(pb::WatchTokenRequest {
+            session_id: "mia".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+    t.get("mia", None, true).await.unwrap();
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+    let Some(Event::ReauthWarning(warning)) = next_event(&mut stream, 5 * SECOND).await else {
+        panic!("a re-login warning follows the capped refresh");
+    };
+    let due = warning.reauth_due_at.unwrap().seconds;
+    let info = t.session("mia").await.unwrap();
+    assert_eq!(info.reauth_due_at.unwrap().seconds, due);
+    assert_eq!(info.refresh_expires_at.unwrap().seconds, due);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_sessions_are_not_found_everywhere() {
+    let mut t = TestBroker::new().start().await;
+    assert_error(
+        t.get("ghost", None, false).await,
+        Code::NotFound,
+        "SESSION_NOT_FOUND",
+    );
+    assert_error(
+        t.session("ghost").await,
+        Code::NotFound,
+        "SESSION_NOT_FOUND",
+    );
+    assert_error(
+        t.client
+            .watch_token(pb::WatchTokenRequest {
+                session_id: "ghost".into(),
+            })
+            .await,
+        Code::NotFound,
+        "SESSION_NOT_FOUND",
+    );
+    assert_error(
+        t.client
+            .delete_session(pb::DeleteSessionRequest {
+                session_id: "ghost".into(),
+            })
+            .await,
+        Code::NotFound,
+        "SESSION_NOT_FOUND",
+    );
+    t.stop().await;
+}
