@@ -78,13 +78,22 @@ pub fn providers(config: &Config) -> Result<Providers, ConfigError> {
 /// Validates `config`, opens the store, loads the sessions and starts serving.
 pub async fn start(config: &Config) -> Result<RunningBroker, AppError> {
     config.validate()?;
-    let providers = providers(config)?;
     let store: Arc<dyn SessionStore> = match config.store {
         StoreKind::Memory => {
             warn!("memory store: every session is lost when the process exits");
             Arc::new(MemoryStore::new())
         }
     };
+    start_with_store(config, store).await
+}
+
+/// Like [`start`], over a store the caller built (tests inject failures this way).
+pub async fn start_with_store(
+    config: &Config,
+    store: Arc<dyn SessionStore>,
+) -> Result<RunningBroker, AppError> {
+    config.validate()?;
+    let providers = providers(config)?;
     let stored = store.load_all().await?;
 
     let shutdown = CancellationToken::new();

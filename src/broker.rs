@@ -300,7 +300,6 @@ impl Broker {
             pending: None,
             flight: None,
             flights_started: 0,
-            last_ok_flight: 0,
             deleting: false,
         };
         let published = Published {
@@ -343,7 +342,6 @@ impl Broker {
                     fresh.created_at = current.created_at;
                     fresh.flight = current.flight.take();
                     fresh.flights_started = current.flights_started;
-                    fresh.last_ok_flight = current.last_ok_flight;
                     *current = fresh;
                     session.publish(published);
                 }
@@ -735,7 +733,6 @@ fn session_from_record(record: StoredSession) -> Session {
         pending: None,
         flight: None,
         flights_started: 0,
-        last_ok_flight: 0,
         deleting: false,
     };
     Session::new(

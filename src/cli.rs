@@ -390,7 +390,9 @@ async fn register(args: RegisterArgs) -> Result<(), ClientError> {
             request.refresh_token = raw.trim().to_string();
         }
         (None, Some(user)) => {
-            let login = dev_login(&args.dev_idp, &user).await?;
+            let login = crate::devidp::remote::login(&args.dev_idp, &user)
+                .await
+                .map_err(ClientError::Other)?;
             request.refresh_token = login.refresh_token;
             request.access_token = login.access_token;
             request.expires_in = Some(duration(Duration::from_secs(login.expires_in)));
@@ -419,40 +421,6 @@ async fn register(args: RegisterArgs) -> Result<(), ClientError> {
         print_session(&session);
     }
     Ok(())
-}
-
-#[derive(serde::Deserialize)]
-struct DevLogin {
-    access_token: String,
-    refresh_token: String,
-    expires_in: u64,
-    refresh_expires_in: u64,
-    #[serde(default)]
-    scope: String,
-}
-
-/// Logs a user in at the dev IdP's admin endpoint; the tokens go straight
-/// into the registration and are never printed.
-async fn dev_login(base: &str, user: &str) -> Result<DevLogin, ClientError> {
-    let url = format!("{}/admin/login", base.trim_end_matches('/'));
-    let response = reqwest::Client::new()
-        .post(&url)
-        .header("content-type", "application/json")
-        .body(serde_json::json!({ "username": user }).to_string())
-        .send()
-        .await
-        .map_err(|e| ClientError::Other(format!("dev IdP at {base}: {e}")))?;
-    if !response.status().is_success() {
-        return Err(ClientError::Other(format!(
-            "dev IdP login answered {}",
-            response.status()
-        )));
-    }
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| ClientError::Other(format!("dev IdP: {e}")))?;
-    serde_json::from_slice(&body).map_err(|e| ClientError::Other(format!("dev IdP: {e}")))
 }
 
 fn duration(d: Duration) -> prost_types::Duration {

@@ -37,14 +37,7 @@ async fn register_get_then_the_ahead_of_expiry_refresh_arrives_on_a_watch() {
         "a fresh token, not the login's"
     );
 
-    let mut stream = t
-        .client
-        .watch_token(pb::WatchTokenRequest {
-            session_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = t.watch("alice").await;
     let Some(Event::Token(first)) = next_event(&mut stream, 5 * SECOND).await else {
         panic!("the current token comes first");
     };
@@ -202,14 +195,7 @@ async fn a_lost_answer_is_retried_once_and_with_reuse_one_keeps_the_session() {
 async fn invalid_grant_requires_reauthentication_and_ends_watch_streams() {
     let mut t = TestBroker::new().start().await;
     let (login, _) = t.register("frank", "frank").await;
-    let mut stream = t
-        .client
-        .watch_token(pb::WatchTokenRequest {
-            session_id: "frank".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = t.watch("frank").await;
     assert!(matches!(
         next_event(&mut stream, 5 * SECOND).await,
         Some(Event::Token(_))
@@ -604,14 +590,7 @@ async fn a_wrong_client_id_is_a_provider_misconfiguration() {
 async fn delete_logs_out_upstream_and_ends_streams() {
     let mut t = TestBroker::new().start().await;
     let (login, _) = t.register("leo", "leo").await;
-    let mut stream = t
-        .client
-        .watch_token(pb::WatchTokenRequest {
-            session_id: "leo".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = t.watch("leo").await;
     assert!(matches!(
         next_event(&mut stream, 5 * SECOND).await,
         Some(Event::Token(_))
@@ -742,14 +721,7 @@ async fn watchers_are_warned_when_the_hard_maximum_nears() {
         })
         .await
         .unwrap();
-    let mut stream = t
-        .client
-        .watch_token(pb::WatchTokenRequest {
-            session_id: "mia".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = t.watch("mia").await;
     assert!(matches!(
         next_event(&mut stream, 5 * SECOND).await,
         Some(Event::Token(_))
@@ -800,5 +772,191 @@ async fn unknown_sessions_are_not_found_everywhere() {
         Code::NotFound,
         "SESSION_NOT_FOUND",
     );
+    t.stop().await;
+}
+
+/// A memory store whose writes can be made to fail.
+#[derive(Debug, Default)]
+struct FlakyStore {
+    inner: tokenbroker::store::MemoryStore,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl tokenbroker::store::SessionStore for FlakyStore {
+    async fn load_all(
+        &self,
+    ) -> Result<Vec<tokenbroker::store::StoredSession>, tokenbroker::store::StoreError> {
+        self.inner.load_all().await
+    }
+    async fn insert(
+        &self,
+        session: &tokenbroker::store::StoredSession,
+        mode: tokenbroker::store::InsertMode,
+    ) -> Result<(), tokenbroker::store::StoreError> {
+        self.inner.insert(session, mode).await
+    }
+    async fn update(
+        &self,
+        session: &tokenbroker::store::StoredSession,
+        expected_generation: u64,
+    ) -> Result<(), tokenbroker::store::StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(tokenbroker::store::StoreError::Backend("disk full".into()));
+        }
+        self.inner.update(session, expected_generation).await
+    }
+    async fn delete(
+        &self,
+        id: &tokenbroker::session::SessionId,
+    ) -> Result<bool, tokenbroker::store::StoreError> {
+        self.inner.delete(id).await
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_that_cannot_be_stored_is_not_used_and_never_replayed() {
+    let store = std::sync::Arc::new(FlakyStore::default());
+    let mut t = TestBroker::new().store(store.clone()).start().await;
+    let (login, _) = t.register("nina", "nina").await;
+    let first = t.get("nina", None, false).await.unwrap();
+
+    store
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_error(
+        t.get("nina", None, true).await,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
+    // The IdP rotated, but the new access token is not handed out until stored.
+    assert_eq!(
+        t.idp()
+            .family(&login.session_state)
+            .unwrap()
+            .refreshes_succeeded,
+        2
+    );
+    let cached = t.get("nina", None, false).await.unwrap();
+    assert_eq!(cached.generation, first.generation);
+    assert_eq!(cached.access_token, first.access_token);
+    let info = t.session("nina").await.unwrap();
+    assert_eq!(info.last_error.unwrap().class, pb::ErrorClass::Store as i32);
+
+    store
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let stored = t.get("nina", None, true).await.unwrap();
+    assert_eq!(
+        stored.generation, 2,
+        "the held rotation is stored, then used"
+    );
+    let family = t.idp().family(&login.session_state).unwrap();
+    assert_eq!(
+        family.refreshes_succeeded, 2,
+        "no refresh was needed for it"
+    );
+    let next = t.get("nina", None, true).await.unwrap();
+    assert_eq!(next.generation, 3);
+    let family = t.idp().family(&login.session_state).unwrap();
+    assert_eq!(
+        family.stale_presentations, 0,
+        "the rotated-away token was never presented again: {family:?}"
+    );
+    assert_eq!(family.replays_rejected, 0);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limited_answers_carry_the_providers_retry_after() {
+    let mut t = TestBroker::new().start().await;
+    t.register("olga", "olga").await;
+    t.idp().push_fault(Fault::once(FaultAction::Status {
+        status: 429,
+        body: String::new(),
+        retry_after: Some("7".into()),
+    }));
+    let status = assert_error(
+        t.get("olga", None, true).await,
+        Code::Unavailable,
+        "PROVIDER_UNAVAILABLE",
+    );
+    assert_eq!(
+        status.get_details_retry_info().unwrap().retry_delay,
+        Some(7 * SECOND)
+    );
+    // Callers are held off until then, without calling the IdP.
+    let before = t.idp().stats().token_requests;
+    let status = assert_error(
+        t.get("olga", None, true).await,
+        Code::Unavailable,
+        "PROVIDER_UNAVAILABLE",
+    );
+    assert!(
+        status
+            .get_details_retry_info()
+            .unwrap()
+            .retry_delay
+            .unwrap()
+            <= 7 * SECOND
+    );
+    assert_eq!(t.idp().stats().token_requests, before);
+    // The cached token is still good for ordinary calls.
+    t.get("olga", None, false).await.unwrap();
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn idle_sessions_cost_only_keep_alive_refreshes() {
+    // Access tokens of 1 s, refresh tokens idling out after 4 s: an idle
+    // session is refreshed only to keep its refresh token alive.
+    let mut t = TestBroker::new()
+        .realm(|r| {
+            r.access_token_lifespan_secs = 1;
+            r.sso_session_idle_secs = 4;
+        })
+        .start()
+        .await;
+    let login = t.register_with_token("pia", "pia", SECOND).await;
+    assert_eq!(login.refresh_expires_in, 4);
+    // Keep-alive is due about 2 s in (half the 4 s window); wait for it.
+    let mut refreshed = 0;
+    for _ in 0..100 {
+        refreshed = t
+            .idp()
+            .family(&login.session_state)
+            .unwrap()
+            .refreshes_succeeded;
+        if refreshed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        refreshed, 1,
+        "one keep-alive refresh, not one per 1 s access token"
+    );
+    let info = t.session("pia").await.unwrap();
+    assert_eq!(info.generation, 2);
+    assert_eq!(info.state, pb::SessionState::Active as i32);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_watch_streams_with_unavailable() {
+    let mut t = TestBroker::new().start().await;
+    t.register("quinn", "quinn").await;
+    let mut stream = t.watch("quinn").await;
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+    t.broker.shutdown_token().cancel();
+    let status = tokio::time::timeout(5 * SECOND, stream.message())
+        .await
+        .expect("the stream ends promptly")
+        .expect_err("with a status");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(common::reason(&status), "SHUTTING_DOWN");
     t.stop().await;
 }

@@ -141,6 +141,7 @@
 mod fault;
 mod http;
 mod realm;
+pub mod remote;
 mod settings;
 mod stats;
 #[cfg(test)]

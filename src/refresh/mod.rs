@@ -312,13 +312,7 @@ impl Refresher {
         self.shared.tracker.spawn(
             async move {
                 let result = this.execute(&session, trigger).await;
-                {
-                    let mut inner = session.lock();
-                    inner.flight = None;
-                    if result.is_ok() {
-                        inner.last_ok_flight = seq;
-                    }
-                }
+                session.lock().flight = None;
                 tx.send_replace(Some(result));
                 this.plan(&session);
             }

@@ -169,8 +169,6 @@ pub struct SessionInner {
     pub flight: Option<Flight>,
     /// Refreshes started so far (sequence numbers of flights).
     pub flights_started: u64,
-    /// Sequence number of the last flight that succeeded.
-    pub last_ok_flight: u64,
     /// Set by delete: no refresh may start any more.
     pub deleting: bool,
 }

@@ -24,12 +24,6 @@ impl Registry {
         self.sessions.get(id).map(|entry| entry.value().clone())
     }
 
-    /// Looks up by raw id text without validating it.
-    pub fn get_str(&self, id: &str) -> Option<Arc<Session>> {
-        // SessionId hashes and compares as its text.
-        SessionId::parse(id).ok().and_then(|id| self.get(&id))
-    }
-
     /// Inserts or replaces.
     pub fn insert(&self, session: Arc<Session>) {
         self.sessions.insert(session.id().clone(), session);

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokenbroker::app::{self, RunningBroker};
@@ -10,6 +11,7 @@ use tokenbroker::config::Config;
 use tokenbroker::devidp::{DevIdp, LoginTokens, RealmSettings, RunningDevIdp};
 use tokenbroker::pb;
 use tokenbroker::pb::token_broker_client::TokenBrokerClient;
+use tokenbroker::store::SessionStore;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
@@ -20,6 +22,7 @@ type ConfigTweak = Box<dyn FnOnce(&mut Config)>;
 pub struct TestBroker {
     realm: RealmSettings,
     tweaks: Vec<ConfigTweak>,
+    store: Option<Arc<dyn SessionStore>>,
 }
 
 /// A running pair.
@@ -35,7 +38,14 @@ impl TestBroker {
         Self {
             realm: RealmSettings::default(),
             tweaks: Vec::new(),
+            store: None,
         }
+    }
+
+    /// Serves over this store instead of the configured one.
+    pub fn store(mut self, store: Arc<dyn SessionStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Changes the dev IdP's realm settings.
@@ -77,7 +87,11 @@ impl TestBroker {
         for tweak in self.tweaks {
             tweak(&mut config);
         }
-        let broker = app::start(&config).await.expect("broker starts");
+        let broker = match self.store {
+            Some(store) => app::start_with_store(&config, store).await,
+            None => app::start(&config).await,
+        }
+        .expect("broker starts");
         let client = TokenBrokerClient::connect(format!("http://{}", broker.addr))
             .await
             .expect("client connects");
@@ -149,6 +163,17 @@ impl Running {
             })
             .await
             .map(|r| r.into_inner().token.unwrap())
+    }
+
+    /// Opens a watch stream that must be accepted.
+    pub async fn watch(&mut self, session_id: &str) -> tonic::Streaming<pb::WatchTokenResponse> {
+        self.client
+            .watch_token(pb::WatchTokenRequest {
+                session_id: session_id.into(),
+            })
+            .await
+            .expect("watch accepted")
+            .into_inner()
     }
 
     pub async fn session(&mut self, session_id: &str) -> Result<pb::Session, tonic::Status> {
