@@ -1,0 +1,216 @@
+//! The binary as a person uses it: `serve --dev` as a real process, the
+//! client commands against it, and a graceful stop on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenbroker");
+
+struct Serve {
+    child: Child,
+    grpc: String,
+    idp: String,
+}
+
+impl Serve {
+    fn start() -> Self {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--dev-idp-listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let (mut grpc, mut idp) = (None, None);
+        // The walkthrough names both addresses; read until it has (bounded by its length).
+        for line in BufReader::new(stdout).lines().take(40) {
+            let line = line.unwrap();
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("gRPC"), Some(addr)) => grpc = Some(format!("http://{addr}")),
+                (Some("dev"), Some("IdP")) => {
+                    let url = words.next().unwrap();
+                    idp = Some(url.split("/realms/").next().unwrap().to_string());
+                }
+                _ => {}
+            }
+            if line.starts_with("Stop with") {
+                break;
+            }
+        }
+        Self {
+            child,
+            grpc: grpc.expect("the walkthrough names the gRPC address"),
+            idp: idp.expect("the walkthrough names the dev IdP"),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--addr", &self.grpc]);
+        if args[0] == "register" {
+            all.extend(["--dev-idp", &self.idp]);
+        }
+        Command::new(BIN).args(&all).output().expect("client runs")
+    }
+
+    // A plain (non-async) test: polling the child with a blocking sleep is fine here.
+    #[allow(clippy::disallowed_methods)]
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("serve did not stop within 5 s of SIGTERM");
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn the_readme_walkthrough_works_against_a_real_process() {
+    let serve = Serve::start();
+
+    let out = serve.run(&[
+        "register",
+        "--dev-login",
+        "alice",
+        "--session-id",
+        "alice",
+        "--label",
+        "team=docs",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("registered alice") && shown.contains("ACTIVE"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("eyJ"),
+        "no token is printed at registration: {shown}"
+    );
+
+    let first = serve.run(&["get", "alice"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let token = text(&first.stdout);
+    assert_eq!(
+        token.trim().split('.').count(),
+        3,
+        "a JWT on stdout: {token}"
+    );
+
+    let forced = serve.run(&["get", "alice", "--force"]);
+    assert!(forced.status.success());
+    assert_ne!(
+        text(&forced.stdout),
+        token,
+        "a forced get returns a new token"
+    );
+    assert!(
+        text(&forced.stderr).contains("generation 2"),
+        "{}",
+        text(&forced.stderr)
+    );
+
+    let inspect = serve.run(&["inspect", "alice"]);
+    let shown = text(&inspect.stdout);
+    assert!(
+        shown.contains("generation:           2") && shown.contains("team=docs"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("eyJ"),
+        "inspect never shows a token: {shown}"
+    );
+
+    let list = serve.run(&["list", "--label", "team=docs"]);
+    assert!(
+        text(&list.stdout).contains("alice"),
+        "{}",
+        text(&list.stdout)
+    );
+
+    let deleted = serve.run(&["delete", "alice"]);
+    assert!(
+        text(&deleted.stdout).contains("upstream logout confirmed"),
+        "{}",
+        text(&deleted.stdout)
+    );
+
+    let gone = serve.run(&["get", "alice"]);
+    assert!(!gone.status.success());
+    assert!(
+        text(&gone.stderr).contains("SESSION_NOT_FOUND"),
+        "{}",
+        text(&gone.stderr)
+    );
+
+    let bad = serve.run(&["get", "not valid"]);
+    assert!(
+        text(&bad.stderr).contains("INVALID_ARGUMENT"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    assert!(serve.stop().success(), "SIGTERM drains and exits 0");
+}
+
+#[test]
+fn bad_config_fails_before_binding_and_names_the_key() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--token-url",
+            "http://idp.example/realms/x/protocol/openid-connect/token",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("providers.apiax.token_url"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("TOKENBROKER_REFRESH__BACKOFF_BASE_MS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("refresh.backoff_base_ms"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "nonsense"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap refuses a bad flag");
+}
