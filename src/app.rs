@@ -118,8 +118,8 @@ pub async fn start_with_store(
         BrokerSettings {
             default_min_ttl: Duration::from_secs(config.refresh.default_min_ttl_secs),
             max_token_bytes: config.max_token_bytes,
-            ..BrokerSettings::default()
         },
+        tracker.clone(),
         shutdown.clone(),
     ));
     let restored = broker.restore(stored);

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::error::BrokerError;
@@ -26,8 +27,6 @@ use crate::store::{InsertMode, SessionStore, StoreError, StoredSession};
 pub struct BrokerSettings {
     /// `min_ttl` when a caller sets none.
     pub default_min_ttl: Duration,
-    /// How long a delete waits for a refresh in flight before giving up.
-    pub delete_wait: Duration,
     /// Largest accepted refresh or access token, in bytes.
     pub max_token_bytes: usize,
 }
@@ -36,7 +35,6 @@ impl Default for BrokerSettings {
     fn default() -> Self {
         Self {
             default_min_ttl: Duration::from_secs(60),
-            delete_wait: Duration::from_secs(30),
             max_token_bytes: 16 * 1024,
         }
     }
@@ -137,9 +135,33 @@ pub struct Broker {
     store: Arc<dyn SessionStore>,
     providers: Providers,
     settings: BrokerSettings,
-    registering: DashMap<SessionId, watch::Receiver<()>>,
+    reservations: DashMap<ReservationKey, watch::Receiver<()>>,
+    held_grants: DashMap<[u8; 32], HeldGrant>,
+    tracker: TaskTracker,
     shutdown: CancellationToken,
 }
+
+/// What a registration or deletion holds exclusively while it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ReservationKey {
+    /// A session id.
+    Id(SessionId),
+    /// A refresh token (by fingerprint), so that one token is never
+    /// presented by two registrations at once.
+    Token([u8; 32]),
+}
+
+/// A registration's refresh whose session could not be stored: the
+/// provider rotated the caller's token, so a retry of the same
+/// registration must use this grant instead of presenting the old token.
+#[derive(Debug)]
+struct HeldGrant {
+    grant: oidc::TokenGrant,
+    at: tokio::time::Instant,
+}
+
+/// How long a held grant waits for the registration to be retried.
+const HELD_GRANT_TTL: Duration = Duration::from_secs(600);
 
 impl Broker {
     /// A broker over these parts.
@@ -149,6 +171,7 @@ impl Broker {
         store: Arc<dyn SessionStore>,
         providers: Providers,
         settings: BrokerSettings,
+        tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -157,7 +180,9 @@ impl Broker {
             store,
             providers,
             settings,
-            registering: DashMap::new(),
+            reservations: DashMap::new(),
+            held_grants: DashMap::new(),
+            tracker,
             shutdown,
         }
     }
@@ -184,7 +209,21 @@ impl Broker {
     }
 
     /// Registers a session (idempotent for the same id and refresh token).
+    ///
+    /// Runs as an owned task: a caller that gives up never cuts a
+    /// registration between the provider's rotation and the store write.
     pub async fn register(
+        self: &Arc<Self>,
+        request: Registration,
+    ) -> Result<(SessionInfo, bool), BrokerError> {
+        let this = self.clone();
+        self.tracker
+            .spawn(async move { this.register_owned(request).await })
+            .await
+            .unwrap_or(Err(BrokerError::ShuttingDown))
+    }
+
+    async fn register_owned(
         &self,
         request: Registration,
     ) -> Result<(SessionInfo, bool), BrokerError> {
@@ -202,13 +241,13 @@ impl Broker {
             .session_id
             .clone()
             .unwrap_or_else(SessionId::generate);
-        let _reservation = self.reserve(&id).await;
+        let _id_held = self.reserve(ReservationKey::Id(id.clone())).await;
 
         let fingerprint = request.refresh_token.fingerprint();
         let existing = self.registry.get(&id);
         if let Some(session) = &existing {
             let inner = session.lock();
-            if !inner.deleting && inner.registered_fingerprint == fingerprint {
+            if inner.registered_fingerprint == fingerprint {
                 drop(inner);
                 return Ok((self.info(session), false));
             }
@@ -216,12 +255,13 @@ impl Broker {
                 return Err(BrokerError::SessionExists);
             }
         }
+        let _token_held = self.reserve(ReservationKey::Token(fingerprint)).await;
 
         // The first token: handed over, or from one refresh (a dead refresh
         // token fails here and is not stored).
         let now = SystemTime::now();
         let endpoint = provider.client.endpoint();
-        let (refresh_token, token, refresh_expiry) = match request.initial {
+        let (refresh_token, token, refresh_expiry, grant) = match request.initial {
             Some(initial) => {
                 let expires_at = initial
                     .expires_in
@@ -242,56 +282,38 @@ impl Broker {
                     scope: initial.scope.into(),
                     generation: 0,
                 };
-                (request.refresh_token, token, refresh_expiry)
+                (request.refresh_token, token, refresh_expiry, None)
             }
             None => {
-                let permit = provider
-                    .budget
-                    .acquire(Priority::Urgent)
-                    .await
-                    .map_err(|_| BrokerError::RateLimited {
-                        description: format!(
-                            "refresh budget of provider {} exhausted",
-                            provider.name
-                        ),
-                        retry_after: Duration::from_secs(1),
-                    })?;
-                let grant = refresh::present(&provider.client, &request.refresh_token)
-                    .await
-                    .map_err(|error| registration_error(&provider.name, error))?;
-                drop(permit);
+                let grant = self
+                    .first_refresh(&provider, &request.refresh_token, fingerprint)
+                    .await?;
                 let token = IssuedToken {
-                    access_token: grant.access_token,
+                    access_token: grant.access_token.clone(),
                     expires_at: grant.expires_at,
                     issued_at: grant.sent_at,
-                    scope: grant.scope.into(),
+                    scope: grant.scope.as_str().into(),
                     generation: 0,
                 };
-                let refresh_token = grant.refresh_token.unwrap_or(request.refresh_token);
-                (refresh_token, token, grant.refresh_expiry)
+                let refresh_token = grant.refresh_token.clone().unwrap_or(request.refresh_token);
+                (refresh_token, token, grant.refresh_expiry, Some(grant))
             }
         };
-
-        let generation = existing.as_ref().map_or(1, |s| s.lock().generation + 1);
-        let token = Arc::new(IssuedToken {
-            generation,
-            ..token
-        });
         let longest = match refresh_expiry {
             RefreshExpiry::At(at) => at.duration_since(token.issued_at).ok(),
             _ => None,
         };
-        let inner = SessionInner {
+        let fresh = |generation: u64| SessionInner {
             provider: provider.name.clone(),
-            labels: request.labels,
-            refresh_token,
+            labels: request.labels.clone(),
+            refresh_token: refresh_token.clone(),
             registered_fingerprint: fingerprint,
             refresh_expiry,
             longest_refresh_lifetime: longest,
             generation,
             state: SessionState::Active,
             created_at: now,
-            last_refresh_at: request_was_refresh(&token, now),
+            last_refresh_at: grant.as_ref().map(|g| g.sent_at),
             next_refresh_at: None,
             consecutive_failures: 0,
             last_error: None,
@@ -302,72 +324,136 @@ impl Broker {
             flights_started: 0,
             deleting: false,
         };
-        let published = Published {
-            token: Some(token.clone()),
-            ended: None,
-            reauth_due_at: None,
+        let keep_grant = |error: &StoreError| {
+            if let (StoreError::Backend(_), Some(grant)) = (error, &grant) {
+                self.held_grants.insert(
+                    fingerprint,
+                    HeldGrant {
+                        grant: grant.clone(),
+                        at: tokio::time::Instant::now(),
+                    },
+                );
+            }
         };
 
-        match existing {
-            None => {
-                let session = Arc::new(Session::new(id.clone(), inner, published));
-                let record = refresh::record_of(&session, &session.lock(), Some(&token), None);
-                self.store
-                    .insert(&record, InsertMode::New)
-                    .await
-                    .map_err(store_error)?;
-                self.registry.insert(session.clone());
-                self.refresher.plan(&session);
-                info!(session_id = %id, provider = %provider.name, "session registered");
-                Ok((self.info(&session), true))
+        let Some(session) = existing else {
+            let token = Arc::new(IssuedToken {
+                generation: 1,
+                ..token
+            });
+            let session = Arc::new(Session::new(
+                id.clone(),
+                fresh(1),
+                Published {
+                    token: Some(token.clone()),
+                    ended: None,
+                    reauth_due_at: None,
+                },
+            ));
+            let record = refresh::record_of(&id, &session.lock(), Some(&token), None);
+            if let Err(error) = self.store.insert(&record, InsertMode::New).await {
+                keep_grant(&error);
+                return Err(store_error(error));
             }
-            Some(session) => {
-                let expected = session.lock().generation;
-                let replacement = Session::new(id.clone(), inner, published.clone());
-                let record =
-                    refresh::record_of(&replacement, &replacement.lock(), Some(&token), None);
-                self.store
-                    .insert(
-                        &record,
-                        InsertMode::Replace {
-                            expected_generation: expected,
-                        },
-                    )
-                    .await
-                    .map_err(store_error)?;
-                // Swap the state in place so open watch streams follow the new login.
-                {
-                    let mut current = session.lock();
-                    let mut fresh = replacement.into_inner();
-                    fresh.created_at = current.created_at;
-                    fresh.flight = current.flight.take();
-                    fresh.flights_started = current.flights_started;
-                    *current = fresh;
-                    session.publish(published);
-                }
-                self.refresher.plan(&session);
-                info!(session_id = %id, provider = %provider.name, "session replaced");
-                Ok((self.info(&session), true))
-            }
+            self.registry.insert(session.clone());
+            self.refresher.plan(&session);
+            info!(session_id = %id, provider = %provider.name, "session registered");
+            return Ok((self.info(&session), true));
+        };
+
+        // Replace: take the session's refresh slot so that no refresh of the
+        // old login runs (or starts) while the new one is swapped in.
+        let slot = self.refresher.take_slot(&session).await;
+        let expected = session.lock().generation;
+        let generation = expected + 1;
+        let token = Arc::new(IssuedToken {
+            generation,
+            ..token
+        });
+        let mut replacement = fresh(generation);
+        replacement.created_at = session.lock().created_at;
+        let record = refresh::record_of(&id, &replacement, Some(&token), None);
+        if let Err(error) = self
+            .store
+            .insert(
+                &record,
+                InsertMode::Replace {
+                    expected_generation: expected,
+                },
+            )
+            .await
+        {
+            keep_grant(&error);
+            let error = match error {
+                StoreError::Backend(description) => BrokerError::StoreUnavailable { description },
+                other => BrokerError::StoreUnavailable {
+                    description: format!("{other}; retry"),
+                },
+            };
+            slot.finish(Err(error.clone()));
+            return Err(error);
         }
+        {
+            // Swap in place so that open watch streams follow the new login.
+            let mut current = session.lock();
+            replacement.flight = current.flight.take();
+            replacement.flights_started = current.flights_started;
+            *current = replacement;
+            session.publish(Published {
+                token: Some(token.clone()),
+                ended: None,
+                reauth_due_at: None,
+            });
+        }
+        slot.finish(Ok(token));
+        self.refresher.plan(&session);
+        info!(session_id = %id, provider = %provider.name, "session replaced");
+        Ok((self.info(&session), true))
     }
 
-    /// Waits until no other registration of `id` runs, then holds it.
-    async fn reserve(&self, id: &SessionId) -> Reservation<'_> {
+    /// The registration refresh: a grant held from an earlier attempt whose
+    /// store write failed, else one presentation of the caller's token.
+    async fn first_refresh(
+        &self,
+        provider: &refresh::Provider,
+        refresh_token: &RefreshToken,
+        fingerprint: [u8; 32],
+    ) -> Result<oidc::TokenGrant, BrokerError> {
+        self.held_grants
+            .retain(|_, held| held.at.elapsed() < HELD_GRANT_TTL);
+        if let Some((_, held)) = self.held_grants.remove(&fingerprint) {
+            info!("registration retried: using the rotation held from the failed attempt");
+            return Ok(held.grant);
+        }
+        let _permit = provider
+            .budget
+            .acquire(Priority::Urgent)
+            .await
+            .map_err(|_| BrokerError::RateLimited {
+                description: format!("refresh budget of provider {} exhausted", provider.name),
+                retry_after: Duration::from_secs(1),
+            })?;
+        refresh::present(&provider.client, refresh_token)
+            .await
+            .map_err(|error| registration_error(&provider.name, error))
+    }
+
+    /// Waits until nothing else holds `key`, then holds it.
+    async fn reserve(&self, key: ReservationKey) -> Reservation<'_> {
         loop {
-            let mut other = match self.registering.entry(id.clone()) {
+            let mut other = match self.reservations.entry(key.clone()) {
                 dashmap::Entry::Vacant(slot) => {
                     let (tx, rx) = watch::channel(());
                     slot.insert(rx);
                     return Reservation {
-                        map: &self.registering,
-                        id: id.clone(),
+                        map: &self.reservations,
+                        key,
                         _held: tx,
                     };
                 }
                 dashmap::Entry::Occupied(slot) => slot.get().clone(),
             };
-            // Resolves when the other registration drops its sender.
+            // Resolves when the holder drops its sender.
             let _ = other.changed().await;
         }
     }
@@ -486,31 +572,23 @@ impl Broker {
     }
 
     /// Logs the session out upstream (best effort), deletes it and ends its
-    /// streams. Returns whether the provider confirmed the logout.
-    pub async fn delete(&self, id: &SessionId) -> Result<bool, BrokerError> {
+    /// streams. Returns whether the provider confirmed the logout. Runs as an
+    /// owned task, so a caller that gives up never leaves it half done.
+    pub async fn delete(self: &Arc<Self>, id: &SessionId) -> Result<bool, BrokerError> {
+        let this = self.clone();
+        let id = id.clone();
+        self.tracker
+            .spawn(async move { this.delete_owned(&id).await })
+            .await
+            .unwrap_or(Err(BrokerError::ShuttingDown))
+    }
+
+    async fn delete_owned(&self, id: &SessionId) -> Result<bool, BrokerError> {
+        let _id_held = self.reserve(ReservationKey::Id(id.clone())).await;
         let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
-        let flight = {
-            let mut inner = session.lock();
-            if inner.deleting {
-                return Err(BrokerError::SessionNotFound);
-            }
-            inner.deleting = true;
-            inner.flight.clone()
-        };
         // Never present the refresh token to the logout endpoint while a
-        // refresh presents it too.
-        if let Some(flight) = flight
-            && tokio::time::timeout(self.settings.delete_wait, flight.wait())
-                .await
-                .is_err()
-        {
-            session.lock().deleting = false;
-            return Err(BrokerError::ProviderUnavailable {
-                provider: session.lock().provider.to_string(),
-                description: "a refresh of this session is still running".into(),
-                retry_after: Duration::from_secs(1),
-            });
-        }
+        // refresh presents it too: wait for it, and hold off new ones.
+        let slot = self.refresher.take_slot(&session).await;
         let (provider_name, refresh_token, state) = {
             let inner = session.lock();
             (
@@ -532,15 +610,18 @@ impl Broker {
             _ => false,
         };
         if let Err(error) = self.store.delete(id).await {
-            session.lock().deleting = false;
-            return Err(store_error(error));
+            let error = store_error(error);
+            slot.finish(Err(error.clone()));
+            return Err(error);
         }
+        session.lock().deleting = true;
         self.registry.remove_exact(&session);
         self.refresher.plan(&session); // deleting: cancels the timer
         session.publish_with(|p| {
             p.token = None;
             p.ended = Some(EndReason::Deleted);
         });
+        slot.finish(Err(BrokerError::SessionNotFound));
         info!(session_id = %id, logged_out, "session deleted");
         Ok(logged_out)
     }
@@ -566,21 +647,16 @@ impl Broker {
     }
 }
 
-/// A token obtained by a refresh at registration counts as a refresh.
-fn request_was_refresh(token: &IssuedToken, now: SystemTime) -> Option<SystemTime> {
-    (token.issued_at <= now).then_some(token.issued_at)
-}
-
 struct Reservation<'a> {
-    map: &'a DashMap<SessionId, watch::Receiver<()>>,
-    id: SessionId,
+    map: &'a DashMap<ReservationKey, watch::Receiver<()>>,
+    key: ReservationKey,
     _held: watch::Sender<()>,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         // Remove first, so that waiters woken by the sender's drop find the slot free.
-        self.map.remove(&self.id);
+        self.map.remove(&self.key);
     }
 }
 

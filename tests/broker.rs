@@ -6,12 +6,17 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use common::{TestBroker, assert_error, duration, next_event};
 use tokenbroker::devidp::{Fault, FaultAction};
 use tokenbroker::pb;
 use tokenbroker::pb::watch_token_response::Event;
+use tokenbroker::session::SessionId;
+use tokenbroker::store::{InsertMode, MemoryStore, SessionStore, StoreError, StoredSession};
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
@@ -775,55 +780,49 @@ async fn unknown_sessions_are_not_found_everywhere() {
     t.stop().await;
 }
 
-/// A memory store whose writes can be made to fail.
+/// A memory store whose writes can be made to fail, or to lose their
+/// acknowledgement after landing.
 #[derive(Debug, Default)]
 struct FlakyStore {
-    inner: tokenbroker::store::MemoryStore,
-    failing: std::sync::atomic::AtomicBool,
+    inner: MemoryStore,
+    failing: AtomicBool,
+    lose_ack: AtomicBool,
 }
 
 #[async_trait::async_trait]
-impl tokenbroker::store::SessionStore for FlakyStore {
-    async fn load_all(
-        &self,
-    ) -> Result<Vec<tokenbroker::store::StoredSession>, tokenbroker::store::StoreError> {
+impl SessionStore for FlakyStore {
+    async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError> {
         self.inner.load_all().await
     }
-    async fn insert(
-        &self,
-        session: &tokenbroker::store::StoredSession,
-        mode: tokenbroker::store::InsertMode,
-    ) -> Result<(), tokenbroker::store::StoreError> {
+    async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
         self.inner.insert(session, mode).await
     }
-    async fn update(
-        &self,
-        session: &tokenbroker::store::StoredSession,
-        expected_generation: u64,
-    ) -> Result<(), tokenbroker::store::StoreError> {
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(tokenbroker::store::StoreError::Backend("disk full".into()));
+    async fn update(&self, session: &StoredSession, expected: u64) -> Result<(), StoreError> {
+        if self.failing.load(SeqCst) {
+            return Err(StoreError::Backend("disk full".into()));
         }
-        self.inner.update(session, expected_generation).await
+        let written = self.inner.update(session, expected).await;
+        if written.is_ok() && self.lose_ack.swap(false, SeqCst) {
+            return Err(StoreError::Backend("connection reset after commit".into()));
+        }
+        written
     }
-    async fn delete(
-        &self,
-        id: &tokenbroker::session::SessionId,
-    ) -> Result<bool, tokenbroker::store::StoreError> {
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
         self.inner.delete(id).await
     }
 }
 
 #[tokio::test]
 async fn a_rotation_that_cannot_be_stored_is_not_used_and_never_replayed() {
-    let store = std::sync::Arc::new(FlakyStore::default());
+    let store = Arc::new(FlakyStore::default());
     let mut t = TestBroker::new().store(store.clone()).start().await;
     let (login, _) = t.register("nina", "nina").await;
     let first = t.get("nina", None, false).await.unwrap();
 
-    store
-        .failing
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    store.failing.store(true, SeqCst);
     assert_error(
         t.get("nina", None, true).await,
         Code::Unavailable,
@@ -843,9 +842,7 @@ async fn a_rotation_that_cannot_be_stored_is_not_used_and_never_replayed() {
     let info = t.session("nina").await.unwrap();
     assert_eq!(info.last_error.unwrap().class, pb::ErrorClass::Store as i32);
 
-    store
-        .failing
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    store.failing.store(false, SeqCst);
     let stored = t.get("nina", None, true).await.unwrap();
     assert_eq!(
         stored.generation, 2,
@@ -958,5 +955,205 @@ async fn shutdown_ends_watch_streams_with_unavailable() {
         .expect_err("with a status");
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(common::reason(&status), "SHUTTING_DOWN");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_commit_whose_acknowledgement_was_lost_is_recognised_not_replayed() {
+    let store = Arc::new(FlakyStore::default());
+    let mut t = TestBroker::new().store(store.clone()).start().await;
+    let (login, _) = t.register("rita", "rita").await;
+    store.lose_ack.store(true, SeqCst);
+    // The write landed; the broker was told it failed.
+    assert_error(
+        t.get("rita", None, true).await,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
+    for expected in 2..6 {
+        let token = t
+            .get("rita", None, true)
+            .await
+            .expect("the session goes on");
+        assert_eq!(token.generation, expected);
+    }
+    let family = t.idp().family(&login.session_state).unwrap();
+    assert_eq!(family.stale_presentations, 0, "{family:?}");
+    assert_eq!(
+        t.session("rita").await.unwrap().state,
+        pb::SessionState::Active as i32
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn replacing_a_session_while_its_old_login_is_refreshing_keeps_the_new_login() {
+    let mut t = TestBroker::new().start().await;
+    let (old, _) = t.register("sam", "sam").await;
+    // The old login's next refresh is slow, and the IdP has ended it meanwhile.
+    t.idp()
+        .push_fault(Fault::once(FaultAction::Delay { ms: 500 }));
+    t.idp().end_session(&old.session_state);
+    let forced = {
+        let mut client = t.client.clone();
+        tokio::spawn(async move {
+            client
+                .get_access_token(pb::GetAccessTokenRequest {
+                    session_id: "sam".into(),
+                    min_ttl: None,
+                    force_refresh: true,
+                })
+                .await
+        })
+    };
+    while t.idp().stats().token_requests < 2 {
+        tokio::task::yield_now().await;
+    }
+    let new = t.idp().login("sam");
+    t.client
+        .register_session(pb::RegisterSessionRequest {
+            session_id: "sam".into(),
+            refresh_token: new.refresh_token.clone(),
+            access_token: new.access_token.clone(),
+            expires_in: Some(duration(Duration::from_secs(300))),
+            replace: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the replacement succeeds");
+    // The old login's refresh ended as the IdP said; the new login is untouched.
+    assert_error(
+        forced.await.unwrap(),
+        Code::FailedPrecondition,
+        "REAUTHENTICATION_REQUIRED",
+    );
+    let info = t.session("sam").await.unwrap();
+    assert_eq!(info.state, pb::SessionState::Active as i32);
+    let token = t
+        .get("sam", None, true)
+        .await
+        .expect("the new login refreshes");
+    assert!(token.generation > info.generation - 1);
+    assert_eq!(
+        t.idp()
+            .family(&new.session_state)
+            .unwrap()
+            .refreshes_succeeded,
+        1
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_delete_whose_caller_gives_up_still_completes() {
+    let mut t = TestBroker::new().start().await;
+    t.register("tom", "tom").await;
+    let mut stream = t.watch("tom").await;
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+    t.idp()
+        .push_fault(Fault::once(FaultAction::Delay { ms: 600 }));
+    let forced = {
+        let mut client = t.client.clone();
+        tokio::spawn(async move {
+            client
+                .get_access_token(pb::GetAccessTokenRequest {
+                    session_id: "tom".into(),
+                    min_ttl: None,
+                    force_refresh: true,
+                })
+                .await
+        })
+    };
+    while t.idp().stats().token_requests < 2 {
+        tokio::task::yield_now().await;
+    }
+    let mut request = tonic::Request::new(pb::DeleteSessionRequest {
+        session_id: "tom".into(),
+    });
+    request.set_timeout(Duration::from_millis(100));
+    let status = t
+        .client
+        .delete_session(request)
+        .await
+        .expect_err("the caller gives up");
+    assert!(
+        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    // The refresh in flight lands first, then the deletion finishes on its own.
+    assert!(forced.await.unwrap().is_ok());
+    let Some(Event::Token(_)) = next_event(&mut stream, 5 * SECOND).await else {
+        panic!("the refreshed token reaches the watcher");
+    };
+    let Some(Event::Ended(ended)) = next_event(&mut stream, 5 * SECOND).await else {
+        panic!("then the deletion ends the stream");
+    };
+    assert_eq!(ended.reason, pb::session_ended::Reason::Deleted as i32);
+    assert_error(t.session("tom").await, Code::NotFound, "SESSION_NOT_FOUND");
+    assert_eq!(t.idp().stats().logouts, 1);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_misconfigured_provider_is_reported_as_such_while_backing_off() {
+    let mut t = TestBroker::new().start().await;
+    t.register("uma", "uma").await;
+    t.idp().push_fault(Fault::once(FaultAction::Status {
+        status: 401,
+        body: r#"{"error":"invalid_client","error_description":"Invalid client credentials"}"#
+            .into(),
+        retry_after: None,
+    }));
+    assert_error(
+        t.get("uma", None, true).await,
+        Code::FailedPrecondition,
+        "PROVIDER_MISCONFIGURED",
+    );
+    // Held off without calling the IdP, with the same reason.
+    let before = t.idp().stats().token_requests;
+    assert_error(
+        t.get("uma", None, true).await,
+        Code::FailedPrecondition,
+        "PROVIDER_MISCONFIGURED",
+    );
+    assert_eq!(t.idp().stats().token_requests, before);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_refresh_token_valid_for_years_does_not_stop_the_timer_queue() {
+    let mut t = TestBroker::new()
+        .realm(|r| r.access_token_lifespan_secs = 2)
+        .start()
+        .await;
+    let login = t.idp().login("vic");
+    t.client
+        .register_session(pb::RegisterSessionRequest {
+            session_id: "vic".into(),
+            refresh_token: login.refresh_token,
+            access_token: login.access_token,
+            expires_in: Some(duration(Duration::from_millis(500))),
+            refresh_expires_in: Some(duration(Duration::from_secs(3 * 366 * 86_400))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // vic is idle: its wake-up at ~0.4 s plans a keep-alive three years out.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    t.register("wes", "wes").await;
+    let mut stream = t.watch("wes").await;
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+    let Some(Event::Token(next)) = next_event(&mut stream, 5 * SECOND).await else {
+        panic!("the timer queue still runs: the ahead-of-expiry refresh arrives");
+    };
+    assert_eq!(next.generation, 2);
+    let vic = t.session("vic").await.unwrap();
+    assert!(vic.next_refresh_at.is_some());
     t.stop().await;
 }

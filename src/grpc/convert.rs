@@ -13,6 +13,8 @@ use crate::session::{
 
 /// Longest accepted `min_ttl`.
 pub const MAX_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest accepted `refresh_expires_in` (offline tokens say 0 for "never").
+pub const MAX_REFRESH_LIFETIME: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 /// Longest accepted scope string.
 pub const MAX_SCOPE_LEN: usize = 4096;
 /// Largest page of `ListSessions`.
@@ -77,6 +79,12 @@ pub fn registration(
     }
     if expires_in.is_some_and(|d| d > Duration::from_secs(366 * 24 * 3600)) {
         return Err(BrokerError::invalid("expires_in", "longer than a year"));
+    }
+    if refresh_expires_in.is_some_and(|d| d > MAX_REFRESH_LIFETIME) {
+        return Err(BrokerError::invalid(
+            "refresh_expires_in",
+            "longer than ten years",
+        ));
     }
     if request.scope.len() > MAX_SCOPE_LEN {
         return Err(BrokerError::invalid(

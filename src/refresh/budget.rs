@@ -30,6 +30,38 @@ pub struct BudgetLimits {
     pub max_wait: Duration,
 }
 
+/// Raised when a caller starts waiting for background work: from then on it
+/// competes for the budget as urgent work.
+#[derive(Debug, Default)]
+pub struct Escalation {
+    raised: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Escalation {
+    /// Marks the work urgent and wakes its budget wait.
+    pub fn raise(&self) {
+        if !self.raised.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Whether it was raised.
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    async fn raised(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// A held slot of the budget; released on drop.
 #[derive(Debug)]
 pub struct BudgetPermit {
@@ -118,6 +150,23 @@ impl Budget {
         Ok(BudgetPermit { _permit: permit })
     }
 
+    /// Like [`Budget::acquire`], but background work turns urgent as soon as
+    /// `escalation` is raised (a caller joined it and now waits for it).
+    pub async fn acquire_escalating(
+        &self,
+        priority: Priority,
+        escalation: &Escalation,
+    ) -> Result<BudgetPermit, BudgetExhausted> {
+        if priority == Priority::Urgent || escalation.is_raised() {
+            return self.acquire(Priority::Urgent).await;
+        }
+        tokio::select! {
+            biased;
+            () = escalation.raised() => self.acquire(Priority::Urgent).await,
+            permit = self.acquire(Priority::Background) => permit,
+        }
+    }
+
     /// Refreshes in flight now.
     pub fn in_flight(&self) -> usize {
         self.limits.max_concurrent.max(1) - self.permits.available_permits()
@@ -197,6 +246,37 @@ mod tests {
         assert_eq!(rx.recv().await, Some("background"));
         urgent.await.unwrap();
         bg.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn background_work_that_a_caller_joins_turns_urgent() {
+        let b = budget(1);
+        let held = b.acquire(Priority::Urgent).await.unwrap();
+        let escalation = Arc::new(Escalation::default());
+        let bg = {
+            let (b, e) = (b.clone(), escalation.clone());
+            tokio::spawn(async move {
+                b.acquire_escalating(Priority::Background, &e)
+                    .await
+                    .map(drop)
+            })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            b.urgent_waiting.load(Ordering::Acquire),
+            0,
+            "still background"
+        );
+        escalation.raise();
+        while b.urgent_waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Now it holds back other background work and waits with the urgent bound.
+        drop(held);
+        bg.await.unwrap().expect("the escalated work gets the slot");
+        assert_eq!(b.urgent_waiting.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]

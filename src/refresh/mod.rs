@@ -21,7 +21,7 @@ mod provider;
 mod scheduler;
 pub mod timing;
 
-pub use budget::{Budget, BudgetExhausted, BudgetLimits, BudgetPermit, Priority};
+pub use budget::{Budget, BudgetExhausted, BudgetLimits, BudgetPermit, Escalation, Priority};
 pub use provider::{Provider, Providers};
 pub use scheduler::{SchedulerHandle, SchedulerTask, channel as scheduler_channel};
 pub use timing::Policy;
@@ -32,14 +32,14 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::error::BrokerError;
 use crate::oidc::{RefreshError, RefreshExpiry, RejectedTarget, TokenClient, TokenGrant};
 use crate::secret::RefreshToken;
 use crate::session::{
-    EndReason, ErrorClass, IssuedToken, Published, Registry, Session, SessionError, SessionInner,
-    SessionState, unix_secs,
+    EndReason, ErrorClass, IssuedToken, Published, Registry, Session, SessionError, SessionId,
+    SessionInner, SessionState, unix_secs,
 };
 use crate::store::{SessionStore, StoreError, StoredAccessToken, StoredSession};
 
@@ -51,9 +51,20 @@ pub type FlightResult = Result<Arc<IssuedToken>, BrokerError>;
 pub struct Flight {
     seq: u64,
     done: watch::Receiver<Option<FlightResult>>,
+    escalation: Arc<Escalation>,
 }
 
 impl Flight {
+    fn new(seq: u64) -> (Self, watch::Sender<Option<FlightResult>>) {
+        let (tx, rx) = watch::channel(None);
+        let flight = Self {
+            seq,
+            done: rx,
+            escalation: Arc::default(),
+        };
+        (flight, tx)
+    }
+
     /// Sequence number of this flight within its session.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -75,6 +86,37 @@ pub struct PendingCommit {
     record: StoredSession,
     token: Arc<IssuedToken>,
     expected_generation: u64,
+}
+
+/// The session's single-flight slot, held for an exclusive change.
+/// Finish it with the outcome that waiting callers should see; dropping it
+/// unfinished frees the slot and tells them to retry.
+#[derive(Debug)]
+pub struct Slot {
+    session: Arc<Session>,
+    done: Option<watch::Sender<Option<FlightResult>>>,
+}
+
+impl Slot {
+    /// Frees the slot; callers that waited on it get `outcome`.
+    pub fn finish(mut self, outcome: FlightResult) {
+        self.release(outcome);
+    }
+
+    fn release(&mut self, outcome: FlightResult) {
+        if let Some(done) = self.done.take() {
+            self.session.lock().flight = None;
+            done.send_replace(Some(outcome));
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release(Err(BrokerError::StoreUnavailable {
+            description: "the session changed concurrently; retry".into(),
+        }));
+    }
 }
 
 /// Why a refresh runs.
@@ -149,13 +191,13 @@ pub fn error_class(error: &RefreshError) -> ErrorClass {
 
 /// Builds the durable record of a session from its inner state and token.
 pub fn record_of(
-    session: &Session,
+    id: &SessionId,
     inner: &SessionInner,
     token: Option<&IssuedToken>,
     reauth_due_at: Option<SystemTime>,
 ) -> StoredSession {
     StoredSession {
-        id: session.id().clone(),
+        id: id.clone(),
         provider: inner.provider.to_string(),
         labels: inner.labels.clone(),
         refresh_token: inner.refresh_token.clone(),
@@ -269,6 +311,9 @@ impl Refresher {
             return Err(Err(reauth_error(&inner)));
         }
         if let Some(flight) = &inner.flight {
+            if trigger.priority() == Priority::Urgent {
+                flight.escalation.raise();
+            }
             return Ok(flight.clone());
         }
         if let Some(seen) = seen_generation
@@ -299,20 +344,29 @@ impl Refresher {
         trigger: Trigger,
     ) -> Flight {
         inner.flights_started += 1;
-        let seq = inner.flights_started;
-        let (tx, rx) = watch::channel(None);
-        let flight = Flight { seq, done: rx };
+        let (flight, tx) = Flight::new(inner.flights_started);
         inner.flight = Some(flight.clone());
         drop(inner);
 
         let this = self.clone();
         let session = session.clone();
-        let span =
-            info_span!("refresh", session_id = %session.id(), trigger = trigger.as_str(), seq);
+        let escalation = flight.escalation.clone();
+        let span = info_span!("refresh", session_id = %session.id(), trigger = trigger.as_str(), seq = flight.seq);
         self.shared.tracker.spawn(
             async move {
-                let result = this.execute(&session, trigger).await;
-                session.lock().flight = None;
+                let result = this.execute(&session, trigger, &escalation).await;
+                {
+                    let mut inner = session.lock();
+                    inner.flight = None;
+                    if result.is_err() {
+                        // Every failure waits before the next background attempt,
+                        // whatever path it took: no hot loop.
+                        let floor = SystemTime::now() + this.shared.policy.backoff_base;
+                        if inner.retry_at.is_none_or(|at| at < floor) {
+                            inner.retry_at = Some(floor);
+                        }
+                    }
+                }
                 tx.send_replace(Some(result));
                 this.plan(&session);
             }
@@ -321,7 +375,41 @@ impl Refresher {
         flight
     }
 
-    async fn execute(&self, session: &Arc<Session>, trigger: Trigger) -> FlightResult {
+    /// Takes the session's single-flight slot for an exclusive change
+    /// (replace, delete): waits for the refresh in flight to land (raising
+    /// its priority), then holds the slot so that no refresh starts until
+    /// [`Slot::finish`]. Callers that need a token meanwhile wait for the
+    /// change and share its outcome.
+    pub async fn take_slot(&self, session: &Arc<Session>) -> Slot {
+        loop {
+            let running = {
+                let mut inner = session.lock();
+                match &inner.flight {
+                    Some(flight) => {
+                        flight.escalation.raise();
+                        flight.clone()
+                    }
+                    None => {
+                        inner.flights_started += 1;
+                        let (flight, tx) = Flight::new(inner.flights_started);
+                        inner.flight = Some(flight);
+                        return Slot {
+                            session: session.clone(),
+                            done: Some(tx),
+                        };
+                    }
+                }
+            };
+            let _ = running.wait().await;
+        }
+    }
+
+    async fn execute(
+        &self,
+        session: &Arc<Session>,
+        trigger: Trigger,
+        escalation: &Escalation,
+    ) -> FlightResult {
         if let Some(token) = self.retry_pending_commit(session).await? {
             return Ok(token);
         }
@@ -351,7 +439,7 @@ impl Refresher {
         }
         let permit = provider
             .budget
-            .acquire(trigger.priority())
+            .acquire_escalating(trigger.priority(), escalation)
             .await
             .map_err(|_| BrokerError::RateLimited {
                 description: format!("refresh budget of provider {} exhausted", provider.name),
@@ -398,7 +486,7 @@ impl Refresher {
                 }
                 _ => previous_due,
             };
-            let mut record = record_of(session, &inner, Some(&token), reauth_due_at);
+            let mut record = record_of(session.id(), &inner, Some(&token), reauth_due_at);
             record.generation = generation;
             if let Some(rotated) = grant.refresh_token {
                 record.refresh_token = rotated;
@@ -424,12 +512,16 @@ impl Refresher {
         token: Arc<IssuedToken>,
         expected: u64,
     ) -> FlightResult {
-        match self.shared.store.update(&record, expected).await {
+        let written = match self.shared.store.update(&record, expected).await {
+            Err(StoreError::Conflict) if self.landed_earlier(&record).await => Ok(()),
+            other => other,
+        };
+        match written {
             Ok(()) => {
                 let mut inner = session.lock();
                 if inner.generation != expected {
                     // Replaced in memory meanwhile (the store would have refused too).
-                    return current_or_not_found(session);
+                    return current_or_retry(session, StoreError::Conflict);
                 }
                 inner.refresh_token = record.refresh_token.clone();
                 inner.generation = record.generation;
@@ -449,12 +541,13 @@ impl Refresher {
                     p.reauth_due_at = reauth_due_at;
                 });
                 drop(inner);
-                info!(generation = record.generation, "refreshed");
+                debug!(generation = record.generation, "refreshed");
                 Ok(token)
             }
-            Err(StoreError::Conflict | StoreError::NotFound) => {
-                debug!("session replaced or deleted during the refresh; result dropped");
-                current_or_not_found(session)
+            Err(error @ (StoreError::Conflict | StoreError::NotFound)) => {
+                warn!(%error, "the stored session changed under the refresh; result dropped");
+                session.lock().pending = None;
+                current_or_retry(session, error)
             }
             Err(StoreError::Backend(cause)) => {
                 let mut inner = session.lock();
@@ -484,6 +577,18 @@ impl Refresher {
                 warn!(error = %cause, "rotated refresh token not stored yet; holding it in memory");
                 Err(BrokerError::StoreUnavailable { description })
             }
+        }
+    }
+
+    /// Whether `record` is already what the store holds: a write reported as
+    /// failed may have landed all the same (a lost commit acknowledgement).
+    async fn landed_earlier(&self, record: &StoredSession) -> bool {
+        match self.shared.store.get(&record.id).await {
+            Ok(Some(row)) => {
+                row.generation == record.generation
+                    && row.refresh_token.fingerprint() == record.refresh_token.fingerprint()
+            }
+            _ => false,
         }
     }
 
@@ -583,7 +688,12 @@ impl Refresher {
                 at: SystemTime::now(),
             });
             inner.next_refresh_at = None;
-            record_of(session, &inner, None, session.published().reauth_due_at)
+            record_of(
+                session.id(),
+                &inner,
+                None,
+                session.published().reauth_due_at,
+            )
         };
         if let Err(error) = self.shared.store.update(&record, generation).await {
             // The provider rejected the token anyway: on a restart the session
@@ -643,7 +753,9 @@ impl Refresher {
             // The hard maximum caps the refresh token: keep-alives cannot
             // extend it, so only check for the lapse when it comes.
             Some(due) => {
-                let lapse_check = due + policy.clock_skew + Duration::from_secs(1);
+                let lapse_check = due
+                    .checked_add(policy.clock_skew + Duration::from_secs(1))
+                    .unwrap_or(due);
                 let early = token.filter(|_| in_use).map(|(issued, expires)| {
                     timing::early_refresh_at(issued, expires, policy, jitter)
                 });
@@ -666,7 +778,7 @@ impl Refresher {
 
     /// The timer fired for `id`: refresh if the session is in use or its
     /// refresh token needs keeping alive, else plan the next check.
-    fn on_due(&self, id: &crate::session::SessionId) {
+    fn on_due(&self, id: &SessionId) {
         let Some(session) = self.shared.registry.get(id) else {
             return;
         };
@@ -726,6 +838,14 @@ fn reauth_error(inner: &SessionInner) -> BrokerError {
 }
 
 fn unavailable(inner: &SessionInner, retry_after: Duration) -> BrokerError {
+    if let Some(error) = &inner.last_error
+        && error.class == ErrorClass::RejectedConfig
+    {
+        return BrokerError::ProviderMisconfigured {
+            provider: inner.provider.to_string(),
+            description: error.description.clone(),
+        };
+    }
     BrokerError::ProviderUnavailable {
         provider: inner.provider.to_string(),
         description: inner.last_error.as_ref().map_or_else(
@@ -736,10 +856,13 @@ fn unavailable(inner: &SessionInner, retry_after: Duration) -> BrokerError {
     }
 }
 
-fn current_or_not_found(session: &Session) -> FlightResult {
+fn current_or_retry(session: &Session, error: StoreError) -> FlightResult {
     let published = session.published();
     match (&published.ended, &published.token) {
         (None, Some(token)) if token.expires_at > SystemTime::now() => Ok(token.clone()),
-        _ => Err(BrokerError::SessionNotFound),
+        (Some(EndReason::Deleted), _) => Err(BrokerError::SessionNotFound),
+        _ => Err(BrokerError::StoreUnavailable {
+            description: format!("{error}; retry"),
+        }),
     }
 }

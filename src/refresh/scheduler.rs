@@ -3,6 +3,7 @@
 //! sessions cost a million wheel entries, not a million sleeping tasks.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
@@ -11,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 
 use crate::session::SessionId;
+
+/// The longest a session sleeps in the timer queue before it is looked at again.
+pub const MAX_SLEEP: Duration = Duration::from_secs(24 * 3600);
 
 enum Command {
     At(SessionId, Instant),
@@ -25,7 +29,10 @@ pub struct SchedulerHandle {
 
 impl SchedulerHandle {
     /// Plans the next wake-up of `id` at `when`, replacing any earlier plan.
+    /// Far plans are cut to a day (`MAX_SLEEP`): the session is looked at then and
+    /// planned again (the timer wheel cannot hold deadlines years away).
     pub fn schedule(&self, id: SessionId, when: Instant) {
+        let when = when.min(Instant::now() + MAX_SLEEP);
         // A closed channel means shutdown: nothing left to plan.
         let _ = self.tx.send(Command::At(id, when));
     }
@@ -87,7 +94,6 @@ impl SchedulerTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn fires_in_time_order_and_honours_reschedule_and_cancel() {

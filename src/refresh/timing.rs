@@ -135,7 +135,7 @@ pub fn retry_delay(
 
 /// Whether a refresh token counts as lapsed at `now` (past its expiry plus skew).
 pub fn refresh_token_lapsed(expiry: RefreshExpiry, now: SystemTime, skew: Duration) -> bool {
-    matches!(expiry, RefreshExpiry::At(t) if now > t + skew)
+    matches!(expiry, RefreshExpiry::At(t) if t.checked_add(skew).is_some_and(|lapsed| now > lapsed))
 }
 
 /// Whether the hard maximum of the SSO session caps this refresh: the provider

@@ -31,6 +31,10 @@ impl SessionStore for MemoryStore {
         Ok(self.rows().values().cloned().collect())
     }
 
+    async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        Ok(self.rows().get(id).cloned())
+    }
+
     async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
         let mut rows = self.rows();
         match (mode, rows.get(&session.id)) {

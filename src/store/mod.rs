@@ -94,6 +94,8 @@ pub enum StoreError {
 pub trait SessionStore: Send + Sync + std::fmt::Debug {
     /// Every stored session (at start).
     async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError>;
+    /// One stored session.
+    async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError>;
     /// Stores a new session, or replaces one whose generation is unchanged.
     async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError>;
     /// Writes `session` if the stored generation is still `expected_generation`;
