@@ -462,7 +462,7 @@ impl Broker {
     /// newer one than any held when the call arrived (`force`).
     pub async fn get_token(
         &self,
-        id: &SessionId,
+        id: &str,
         min_ttl: Option<Duration>,
         force: bool,
     ) -> Result<Arc<IssuedToken>, BrokerError> {

@@ -15,6 +15,7 @@ use crate::broker::{Broker, WatchEvent};
 use crate::error::BrokerError;
 use crate::pb;
 use crate::pb::token_broker_server::{TokenBroker, TokenBrokerServer};
+use crate::session::SessionId;
 
 /// The `tokenbroker.v1.TokenBroker` service.
 #[derive(Debug, Clone)]
@@ -59,11 +60,12 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
         let request = request.into_inner();
-        let id = convert::session_id(&request.session_id)?;
+        // The hot path: validated and looked up as `&str`, no allocation.
+        SessionId::check(&request.session_id)?;
         let min_ttl = convert::min_ttl(request.min_ttl)?;
         let token = self
             .broker
-            .get_token(&id, min_ttl, request.force_refresh)
+            .get_token(&request.session_id, min_ttl, request.force_refresh)
             .await?;
         Ok(Response::new(pb::GetAccessTokenResponse {
             token: Some(convert::access_token(&token)),

@@ -22,6 +22,12 @@ pub struct SessionId(Arc<str>);
 impl SessionId {
     /// Validates a caller-supplied id.
     pub fn parse(raw: &str) -> Result<Self, BrokerError> {
+        Self::check(raw)?;
+        Ok(Self(raw.into()))
+    }
+
+    /// Validates without allocating (the hot path looks sessions up by `&str`).
+    pub fn check(raw: &str) -> Result<(), BrokerError> {
         if raw.is_empty() {
             return Err(BrokerError::invalid("session_id", "must not be empty"));
         }
@@ -37,7 +43,7 @@ impl SessionId {
                 format!("character {bad:?} is not allowed (use A-Z a-z 0-9 . _ : @ / -)"),
             ));
         }
-        Ok(Self(raw.into()))
+        Ok(())
     }
 
     /// A fresh random id, for registrations that leave the id empty.
@@ -53,6 +59,14 @@ impl SessionId {
 
 fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '/' | '-')
+}
+
+// Hashes and compares exactly as its text, so maps keyed by `SessionId` can
+// be queried with a `&str`.
+impl std::borrow::Borrow<str> for SessionId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
 }
 
 impl fmt::Display for SessionId {
@@ -138,6 +152,15 @@ mod tests {
                 "{bad:?}: {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn maps_keyed_by_id_answer_lookups_by_text() {
+        let mut map = std::collections::HashMap::new();
+        map.insert(SessionId::parse("tenant/alice").unwrap(), 7);
+        assert_eq!(map.get("tenant/alice"), Some(&7));
+        assert_eq!(map.get("tenant/bob"), None);
+        assert!(SessionId::check("tenant/alice").is_ok());
     }
 
     #[test]

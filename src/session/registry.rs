@@ -19,8 +19,12 @@ impl Registry {
         Self::default()
     }
 
-    /// The session with this id.
-    pub fn get(&self, id: &SessionId) -> Option<Arc<Session>> {
+    /// The session with this id (a `&SessionId` or a `&str`).
+    pub fn get<Q>(&self, id: &Q) -> Option<Arc<Session>>
+    where
+        SessionId: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         self.sessions.get(id).map(|entry| entry.value().clone())
     }
 
