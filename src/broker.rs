@@ -136,7 +136,9 @@ pub struct Broker {
     providers: Providers,
     settings: BrokerSettings,
     reservations: DashMap<ReservationKey, watch::Receiver<()>>,
-    held_grants: DashMap<[u8; 32], HeldGrant>,
+    held_grants: DashMap<(Arc<str>, [u8; 32]), HeldGrant>,
+    /// Which session each registered refresh token (by fingerprint) belongs to.
+    registered: DashMap<[u8; 32], SessionId>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -182,6 +184,7 @@ impl Broker {
             settings,
             reservations: DashMap::new(),
             held_grants: DashMap::new(),
+            registered: DashMap::new(),
             tracker,
             shutdown,
         }
@@ -201,6 +204,8 @@ impl Broker {
     pub fn restore(&self, stored: Vec<StoredSession>) -> usize {
         let count = stored.len();
         for record in stored {
+            self.registered
+                .insert(record.registered_fingerprint, record.id.clone());
             let session = Arc::new(session_from_record(record));
             self.registry.insert(session.clone());
             self.refresher.plan(&session);
@@ -256,13 +261,40 @@ impl Broker {
             }
         }
         let _token_held = self.reserve(ReservationKey::Token(fingerprint)).await;
+        // The same login already registered under another id (e.g. a retry
+        // of a registration that let the broker pick the id): presenting its
+        // token again would be a replay.
+        let other = self
+            .registered
+            .get(&fingerprint)
+            .map(|entry| entry.value().clone());
+        if let Some(other) = other.filter(|other| *other != id) {
+            return match (&request.session_id, self.registry.get(&other)) {
+                (None, Some(session)) => Ok((self.info(&session), false)),
+                _ => Err(BrokerError::SessionExists),
+            };
+        }
 
-        // The first token: handed over, or from one refresh (a dead refresh
-        // token fails here and is not stored).
+        // The first token: a grant held from an attempt whose store write
+        // failed, handed over by the caller, or from one refresh (a dead
+        // refresh token fails here and is not stored).
         let now = SystemTime::now();
         let endpoint = provider.client.endpoint();
-        let (refresh_token, token, refresh_expiry, grant) = match request.initial {
-            Some(initial) => {
+        let held = self.take_held_grant(&provider.name, fingerprint);
+        let from_grant = |grant: oidc::TokenGrant, presented: RefreshToken| {
+            let token = IssuedToken {
+                access_token: grant.access_token.clone(),
+                expires_at: grant.expires_at,
+                issued_at: grant.sent_at,
+                scope: grant.scope.as_str().into(),
+                generation: 0,
+            };
+            let refresh_token = grant.refresh_token.clone().unwrap_or(presented);
+            (refresh_token, token, grant.refresh_expiry, Some(grant))
+        };
+        let (refresh_token, token, refresh_expiry, grant) = match (held, request.initial) {
+            (Some(grant), _) => from_grant(grant, request.refresh_token),
+            (None, Some(initial)) => {
                 let expires_at = initial
                     .expires_in
                     .map(|d| now + d)
@@ -284,19 +316,11 @@ impl Broker {
                 };
                 (request.refresh_token, token, refresh_expiry, None)
             }
-            None => {
+            (None, None) => {
                 let grant = self
-                    .first_refresh(&provider, &request.refresh_token, fingerprint)
+                    .first_refresh(&provider, &request.refresh_token)
                     .await?;
-                let token = IssuedToken {
-                    access_token: grant.access_token.clone(),
-                    expires_at: grant.expires_at,
-                    issued_at: grant.sent_at,
-                    scope: grant.scope.as_str().into(),
-                    generation: 0,
-                };
-                let refresh_token = grant.refresh_token.clone().unwrap_or(request.refresh_token);
-                (refresh_token, token, grant.refresh_expiry, Some(grant))
+                from_grant(grant, request.refresh_token)
             }
         };
         let longest = match refresh_expiry {
@@ -324,10 +348,12 @@ impl Broker {
             flights_started: 0,
             deleting: false,
         };
-        let keep_grant = |error: &StoreError| {
-            if let (StoreError::Backend(_), Some(grant)) = (error, &grant) {
+        // Whatever the store said, a rotation the provider made must not be
+        // lost: a retry of this registration picks it up.
+        let keep_grant = || {
+            if let Some(grant) = &grant {
                 self.held_grants.insert(
-                    fingerprint,
+                    (provider.name.clone(), fingerprint),
                     HeldGrant {
                         grant: grant.clone(),
                         at: tokio::time::Instant::now(),
@@ -351,10 +377,11 @@ impl Broker {
                 },
             ));
             let record = refresh::record_of(&id, &session.lock(), Some(&token), None);
-            if let Err(error) = self.store.insert(&record, InsertMode::New).await {
-                keep_grant(&error);
+            if let Err(error) = self.insert(&record, InsertMode::New).await {
+                keep_grant();
                 return Err(store_error(error));
             }
+            self.registered.insert(fingerprint, id.clone());
             self.registry.insert(session.clone());
             self.refresher.plan(&session);
             info!(session_id = %id, provider = %provider.name, "session registered");
@@ -364,7 +391,17 @@ impl Broker {
         // Replace: take the session's refresh slot so that no refresh of the
         // old login runs (or starts) while the new one is swapped in.
         let slot = self.refresher.take_slot(&session).await;
-        let expected = session.lock().generation;
+        // A rotation of the old login whose store write is still in doubt is
+        // settled first, so that the generation below is the stored one.
+        if let Err(error) = self.refresher.settle_pending(&session).await {
+            keep_grant();
+            slot.finish(Err(error.clone()));
+            return Err(error);
+        }
+        let (expected, old_fingerprint) = {
+            let current = session.lock();
+            (current.generation, current.registered_fingerprint)
+        };
         let generation = expected + 1;
         let token = Arc::new(IssuedToken {
             generation,
@@ -374,7 +411,6 @@ impl Broker {
         replacement.created_at = session.lock().created_at;
         let record = refresh::record_of(&id, &replacement, Some(&token), None);
         if let Err(error) = self
-            .store
             .insert(
                 &record,
                 InsertMode::Replace {
@@ -383,7 +419,7 @@ impl Broker {
             )
             .await
         {
-            keep_grant(&error);
+            keep_grant();
             let error = match error {
                 StoreError::Backend(description) => BrokerError::StoreUnavailable { description },
                 other => BrokerError::StoreUnavailable {
@@ -405,26 +441,48 @@ impl Broker {
                 reauth_due_at: None,
             });
         }
+        self.registered
+            .remove_if(&old_fingerprint, |_, owner| *owner == id);
+        self.registered.insert(fingerprint, id.clone());
         slot.finish(Ok(token));
-        self.refresher.plan(&session);
         info!(session_id = %id, provider = %provider.name, "session replaced");
         Ok((self.info(&session), true))
     }
 
-    /// The registration refresh: a grant held from an earlier attempt whose
-    /// store write failed, else one presentation of the caller's token.
+    /// Inserts; a write reported as failed that landed all the same counts
+    /// as written.
+    async fn insert(&self, record: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
+        match self.store.insert(record, mode).await {
+            Err(StoreError::Backend(_) | StoreError::Conflict)
+                if crate::store::holds(self.store.as_ref(), record).await =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// A grant held from an earlier registration attempt of this token whose
+    /// store write failed: the provider rotated the token then, so it must
+    /// not be presented (or stored) again.
+    fn take_held_grant(
+        &self,
+        provider: &Arc<str>,
+        fingerprint: [u8; 32],
+    ) -> Option<oidc::TokenGrant> {
+        self.held_grants
+            .retain(|_, held| held.at.elapsed() < HELD_GRANT_TTL);
+        let (_, held) = self.held_grants.remove(&(provider.clone(), fingerprint))?;
+        info!("registration retried: using the rotation held from the failed attempt");
+        Some(held.grant)
+    }
+
+    /// The registration refresh: one presentation of the caller's token.
     async fn first_refresh(
         &self,
         provider: &refresh::Provider,
         refresh_token: &RefreshToken,
-        fingerprint: [u8; 32],
     ) -> Result<oidc::TokenGrant, BrokerError> {
-        self.held_grants
-            .retain(|_, held| held.at.elapsed() < HELD_GRANT_TTL);
-        if let Some((_, held)) = self.held_grants.remove(&fingerprint) {
-            info!("registration retried: using the rotation held from the failed attempt");
-            return Ok(held.grant);
-        }
         let _permit = provider
             .budget
             .acquire(Priority::Urgent)
@@ -614,7 +672,13 @@ impl Broker {
             slot.finish(Err(error.clone()));
             return Err(error);
         }
-        session.lock().deleting = true;
+        let fingerprint = {
+            let mut inner = session.lock();
+            inner.deleting = true;
+            inner.registered_fingerprint
+        };
+        self.registered
+            .remove_if(&fingerprint, |_, owner| owner == id);
         self.registry.remove_exact(&session);
         self.refresher.plan(&session); // deleting: cancels the timer
         session.publish_with(|p| {

@@ -787,6 +787,8 @@ struct FlakyStore {
     inner: MemoryStore,
     failing: AtomicBool,
     lose_ack: AtomicBool,
+    inserts_failing: AtomicBool,
+    insert_loses_ack: AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -798,7 +800,14 @@ impl SessionStore for FlakyStore {
         self.inner.get(id).await
     }
     async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
-        self.inner.insert(session, mode).await
+        if self.inserts_failing.load(SeqCst) {
+            return Err(StoreError::Backend("disk full".into()));
+        }
+        let written = self.inner.insert(session, mode).await;
+        if written.is_ok() && self.insert_loses_ack.swap(false, SeqCst) {
+            return Err(StoreError::Backend("connection reset after commit".into()));
+        }
+        written
     }
     async fn update(&self, session: &StoredSession, expected: u64) -> Result<(), StoreError> {
         if self.failing.load(SeqCst) {
@@ -1155,5 +1164,171 @@ async fn a_refresh_token_valid_for_years_does_not_stop_the_timer_queue() {
     assert_eq!(next.generation, 2);
     let vic = t.session("vic").await.unwrap();
     assert!(vic.next_refresh_at.is_some());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_registration_without_an_id_never_presents_the_token_again() {
+    let mut t = TestBroker::new().start().await;
+    let login = t.idp().login("xena");
+    let request = pb::RegisterSessionRequest {
+        refresh_token: login.refresh_token.clone(),
+        ..Default::default()
+    };
+    let first = t
+        .client
+        .register_session(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = t
+        .client
+        .register_session(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created && !retry.created);
+    let id = first.session.unwrap().session_id;
+    assert_eq!(
+        retry.session.unwrap().session_id,
+        id,
+        "the retry finds the same session"
+    );
+    // The same token under an explicit other id is refused, not presented.
+    let mut elsewhere = request.clone();
+    elsewhere.session_id = "xena-2".into();
+    assert_error(
+        t.client.register_session(elsewhere).await,
+        Code::AlreadyExists,
+        "SESSION_EXISTS",
+    );
+    t.get(&id, None, true).await.expect("the session lives");
+    let family = t.idp().family(&login.session_state).unwrap();
+    assert_eq!(family.stale_presentations, 0, "{family:?}");
+    assert_eq!(family.refreshes_succeeded, 2);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_registration_whose_store_write_failed_is_retried_with_the_rotated_grant() {
+    let store = Arc::new(FlakyStore::default());
+    let mut t = TestBroker::new().store(store.clone()).start().await;
+    let login = t.idp().login("yara");
+    let request = pb::RegisterSessionRequest {
+        session_id: "yara".into(),
+        refresh_token: login.refresh_token.clone(),
+        ..Default::default()
+    };
+    store.inserts_failing.store(true, SeqCst);
+    assert_error(
+        t.client.register_session(request.clone()).await,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
+    store.inserts_failing.store(false, SeqCst);
+    let retried = t
+        .client
+        .register_session(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retried.created);
+    t.get("yara", None, true).await.expect("the session works");
+    let family = t.idp().family(&login.session_state).unwrap();
+    assert_eq!(
+        family.stale_presentations, 0,
+        "the rotated-away token was not presented again: {family:?}"
+    );
+    assert_eq!(family.refreshes_succeeded, 2);
+
+    // An insert that lands but reports failure counts as done.
+    let other = t.idp().login("yves");
+    store.insert_loses_ack.store(true, SeqCst);
+    let answer = t
+        .client
+        .register_session(pb::RegisterSessionRequest {
+            session_id: "yves".into(),
+            refresh_token: other.refresh_token,
+            ..Default::default()
+        })
+        .await
+        .expect("recognised as stored")
+        .into_inner();
+    assert!(answer.created);
+    t.get("yves", None, false).await.unwrap();
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_replace_after_an_unacknowledged_rotation_keeps_both_logins_safe() {
+    let store = Arc::new(FlakyStore::default());
+    let mut t = TestBroker::new().store(store.clone()).start().await;
+    let (old, _) = t.register("zoe", "zoe").await;
+    store.lose_ack.store(true, SeqCst);
+    assert_error(
+        t.get("zoe", None, true).await,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
+    let new = t.idp().login("zoe");
+    let replaced = t
+        .client
+        .register_session(pb::RegisterSessionRequest {
+            session_id: "zoe".into(),
+            refresh_token: new.refresh_token.clone(),
+            replace: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the replacement settles the old rotation first")
+        .into_inner();
+    assert!(replaced.created);
+    t.get("zoe", None, true)
+        .await
+        .expect("the new login refreshes");
+    let family = t.idp().family(&new.session_state).unwrap();
+    assert_eq!(family.stale_presentations, 0, "{family:?}");
+    assert_eq!(
+        t.idp()
+            .family(&old.session_state)
+            .unwrap()
+            .stale_presentations,
+        0
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_replacement_leaves_the_session_refreshing() {
+    let store = Arc::new(FlakyStore::default());
+    let mut t = TestBroker::new()
+        .store(store.clone())
+        .realm(|r| r.access_token_lifespan_secs = 2)
+        .start()
+        .await;
+    t.register("ada", "ada").await;
+    let mut stream = t.watch("ada").await;
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+    store.inserts_failing.store(true, SeqCst);
+    let new = t.idp().login("ada");
+    assert_error(
+        t.client
+            .register_session(pb::RegisterSessionRequest {
+                session_id: "ada".into(),
+                refresh_token: new.refresh_token,
+                replace: true,
+                ..Default::default()
+            })
+            .await,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
+    let Some(Event::Token(next)) = next_event(&mut stream, 5 * SECOND).await else {
+        panic!("the watched session keeps refreshing ahead of expiry");
+    };
+    assert_eq!(next.generation, 2);
     t.stop().await;
 }

@@ -93,6 +93,7 @@ pub struct PendingCommit {
 /// unfinished frees the slot and tells them to retry.
 #[derive(Debug)]
 pub struct Slot {
+    refresher: Refresher,
     session: Arc<Session>,
     done: Option<watch::Sender<Option<FlightResult>>>,
 }
@@ -107,6 +108,8 @@ impl Slot {
         if let Some(done) = self.done.take() {
             self.session.lock().flight = None;
             done.send_replace(Some(outcome));
+            // The timer skipped the session while the slot was held.
+            self.refresher.plan(&self.session);
         }
     }
 }
@@ -394,6 +397,7 @@ impl Refresher {
                         let (flight, tx) = Flight::new(inner.flights_started);
                         inner.flight = Some(flight);
                         return Slot {
+                            refresher: self.clone(),
                             session: session.clone(),
                             done: Some(tx),
                         };
@@ -513,7 +517,11 @@ impl Refresher {
         expected: u64,
     ) -> FlightResult {
         let written = match self.shared.store.update(&record, expected).await {
-            Err(StoreError::Conflict) if self.landed_earlier(&record).await => Ok(()),
+            Err(StoreError::Conflict)
+                if crate::store::holds(self.shared.store.as_ref(), &record).await =>
+            {
+                Ok(())
+            }
             other => other,
         };
         match written {
@@ -580,16 +588,10 @@ impl Refresher {
         }
     }
 
-    /// Whether `record` is already what the store holds: a write reported as
-    /// failed may have landed all the same (a lost commit acknowledgement).
-    async fn landed_earlier(&self, record: &StoredSession) -> bool {
-        match self.shared.store.get(&record.id).await {
-            Ok(Some(row)) => {
-                row.generation == record.generation
-                    && row.refresh_token.fingerprint() == record.refresh_token.fingerprint()
-            }
-            _ => false,
-        }
+    /// Stores a rotation whose write failed earlier, if there is one (the
+    /// caller holds the session's slot).
+    pub async fn settle_pending(&self, session: &Arc<Session>) -> Result<(), BrokerError> {
+        self.retry_pending_commit(session).await.map(drop)
     }
 
     /// Writes a rotation that failed to store earlier. `Some(token)` when it

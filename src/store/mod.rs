@@ -89,6 +89,19 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// Whether the store already holds exactly `record` (its generation and
+/// refresh token): a write reported as failed may have landed all the same,
+/// e.g. when the commit's acknowledgement was lost.
+pub async fn holds(store: &dyn SessionStore, record: &StoredSession) -> bool {
+    match store.get(&record.id).await {
+        Ok(Some(row)) => {
+            row.generation == record.generation
+                && row.refresh_token.fingerprint() == record.refresh_token.fingerprint()
+        }
+        _ => false,
+    }
+}
+
 /// Where sessions live durably. All methods are atomic per session.
 #[async_trait]
 pub trait SessionStore: Send + Sync + std::fmt::Debug {
