@@ -20,7 +20,8 @@ use crate::grpc::TokenBrokerService;
 use crate::oidc::TokenClient;
 use crate::refresh::{Budget, Provider, Providers, Refresher, scheduler_channel};
 use crate::session::Registry;
-use crate::store::{MemoryStore, SessionStore, StoreError};
+use crate::store::seal::KeyRing;
+use crate::store::{MemoryStore, Monitored, SessionStore, SqliteStore, StoreError};
 
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,104 @@ pub enum AppError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// The SQLite store could not be opened (or the key does not open it).
+    #[error(transparent)]
+    Open(#[from] crate::store::sqlite::OpenError),
+    /// The key ring could not be loaded.
+    #[error("encryption keys: {0}")]
+    Keys(String),
+    /// The data directory could not be prepared.
+    #[error("data directory {path}: {cause}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What failed.
+        cause: String,
+    },
+}
+
+/// The store a config asks for, opened: the generic handle, and the SQLite
+/// store itself when that is what it is (for key rotation).
+#[derive(Debug)]
+pub struct OpenedStore {
+    /// The store.
+    pub store: Arc<dyn SessionStore>,
+    /// The SQLite store, when configured.
+    pub sqlite: Option<Arc<SqliteStore>>,
+}
+
+/// Opens the configured store: the SQLite file in `data_dir` (created with
+/// its key file when the directory is new), or memory.
+pub async fn open_store(config: &Config) -> Result<OpenedStore, AppError> {
+    match config.store {
+        StoreKind::Memory => {
+            warn!("memory store: every session is lost when the process exits");
+            Ok(OpenedStore {
+                store: Arc::new(MemoryStore::new()),
+                sqlite: None,
+            })
+        }
+        StoreKind::Sqlite => {
+            let dir = &config.data_dir;
+            create_data_dir(dir)?;
+            let db = dir.join(crate::store::sqlite::DB_FILE);
+            let keys = key_ring(config, &db)?;
+            let sqlite = Arc::new(SqliteStore::open(&db, keys).await?);
+            info!(path = %db.display(), "session store open");
+            Ok(OpenedStore {
+                store: sqlite.clone(),
+                sqlite: Some(sqlite),
+            })
+        }
+    }
+}
+
+fn create_data_dir(dir: &std::path::Path) -> Result<(), AppError> {
+    let error = |e: std::io::Error| AppError::DataDir {
+        path: dir.to_path_buf(),
+        cause: e.to_string(),
+    };
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(error)
+}
+
+/// The default key file inside a data directory.
+pub const DEFAULT_KEY_FILE: &str = "tokenbroker.keys";
+
+/// The key ring: inline `keys`, else `key_file`, else the data directory's
+/// key file — generated only when the database does not exist yet.
+pub fn key_ring(config: &Config, db: &std::path::Path) -> Result<KeyRing, AppError> {
+    if let Some(text) = &config.keys {
+        return KeyRing::parse(text).map_err(|e| AppError::Keys(format!("`keys`: {e}")));
+    }
+    if let Some(path) = &config.key_file {
+        return KeyRing::load_file(path)
+            .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())));
+    }
+    let path = config.data_dir.join(DEFAULT_KEY_FILE);
+    if path.exists() {
+        return KeyRing::load_file(&path)
+            .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())));
+    }
+    if db.exists() {
+        return Err(AppError::Keys(format!(
+            "{} holds sealed sessions but no key is configured and {} is missing; \
+             set key_file or TOKENBROKER_KEYS to the key that sealed them",
+            db.display(),
+            path.display()
+        )));
+    }
+    let keys = KeyRing::create_file(&path)
+        .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())))?;
+    warn!(
+        path = %path.display(),
+        "generated a new encryption key next to the data; in production mount the key from a \
+         secret (key_file or TOKENBROKER_KEYS) and back it up: without it the sessions cannot be read"
+    );
+    Ok(keys)
 }
 
 /// A running broker: its address and the handle to stop it.
@@ -55,6 +154,8 @@ pub struct RunningBroker {
     tracker: TaskTracker,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
+    /// The SQLite store, when configured (key rotation, closing).
+    pub sqlite: Option<Arc<SqliteStore>>,
 }
 
 /// Builds the providers of a validated config.
@@ -78,13 +179,10 @@ pub fn providers(config: &Config) -> Result<Providers, ConfigError> {
 /// Validates `config`, opens the store, loads the sessions and starts serving.
 pub async fn start(config: &Config) -> Result<RunningBroker, AppError> {
     config.validate()?;
-    let store: Arc<dyn SessionStore> = match config.store {
-        StoreKind::Memory => {
-            warn!("memory store: every session is lost when the process exits");
-            Arc::new(MemoryStore::new())
-        }
-    };
-    start_with_store(config, store).await
+    let opened = open_store(config).await?;
+    let mut running = start_with_store(config, opened.store).await?;
+    running.sqlite = opened.sqlite;
+    Ok(running)
 }
 
 /// Like [`start`], over a store the caller built (tests inject failures this way).
@@ -94,7 +192,10 @@ pub async fn start_with_store(
 ) -> Result<RunningBroker, AppError> {
     config.validate()?;
     let providers = providers(config)?;
+    let store = Arc::new(Monitored::new(store));
+    let store_health = store.health();
     let stored = store.load_all().await?;
+    let store: Arc<dyn SessionStore> = store;
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -122,7 +223,7 @@ pub async fn start_with_store(
         tracker.clone(),
         shutdown.clone(),
     ));
-    let restored = broker.restore(stored);
+    let (restored, overdue) = broker.restore(stored);
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -135,14 +236,21 @@ pub async fn start_with_store(
         source,
     })?;
     let service = TokenBrokerService::new(broker.clone()).into_server(config.max_message_bytes);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tracker.spawn(report_health(
+        health.clone(),
+        store_health,
+        shutdown.clone(),
+    ));
     let server = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
-    info!(%addr, sessions = restored, "tokenbroker serving");
+    info!(%addr, sessions = restored, overdue, "tokenbroker serving");
     Ok(RunningBroker {
         addr,
         broker,
@@ -150,7 +258,44 @@ pub async fn start_with_store(
         tracker,
         server,
         grace: Duration::from_secs(config.shutdown_grace_secs),
+        sqlite: None,
     })
+}
+
+/// The gRPC health service name of the broker.
+pub const HEALTH_SERVICE: &str = "tokenbroker.v1.TokenBroker";
+
+/// SERVING while the store accepts writes, NOT_SERVING when it fails and
+/// while draining. An IdP outage does not change it.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut store_health: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    loop {
+        let healthy = *store_health.borrow_and_update();
+        let status = if healthy {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if !healthy {
+            warn!("session store failing: health NOT_SERVING");
+        }
+        for service in ["", HEALTH_SERVICE] {
+            reporter.set_service_status(service, status).await;
+        }
+        tokio::select! {
+            changed = store_health.changed() => if changed.is_err() { break },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    for service in ["", HEALTH_SERVICE] {
+        reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
 }
 
 impl RunningBroker {
@@ -185,6 +330,9 @@ impl RunningBroker {
                 "refreshes still running after the grace period"
             );
         }
+        if let Some(sqlite) = &self.sqlite {
+            sqlite.close().await;
+        }
         info!("stopped");
         served
     }
@@ -206,8 +354,16 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    if let Some(StoreArg::Memory) = args.store {
-        config.store = StoreKind::Memory;
+    match args.store {
+        Some(StoreArg::Memory) => config.store = StoreKind::Memory,
+        Some(StoreArg::Sqlite) => config.store = StoreKind::Sqlite,
+        None => {}
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(file) = &args.key_file {
+        config.key_file = Some(file.clone());
     }
     if args.log_json {
         config.log_format = LogFormat::Json;
@@ -244,6 +400,21 @@ pub async fn serve(
         return run(config, signal).await;
     }
     warn!("--dev: development mode; every caller is allowed and the dev IdP issues test tokens");
+    // A throwaway data directory unless one was given: removed on exit.
+    let _scratch = match (&args.data_dir, config.store) {
+        (None, StoreKind::Sqlite) => {
+            let dir = tempfile::Builder::new()
+                .prefix("tokenbroker-dev-")
+                .tempdir()
+                .map_err(|e| AppError::DataDir {
+                    path: std::env::temp_dir(),
+                    cause: e.to_string(),
+                })?;
+            config.data_dir = dir.path().to_path_buf();
+            Some(dir)
+        }
+        _ => None,
+    };
     let idp_shutdown = CancellationToken::new();
     let settings = RealmSettings {
         access_token_lifespan_secs: 120,

@@ -201,16 +201,48 @@ impl Broker {
     }
 
     /// Brings stored sessions back into memory and plans their refreshes.
-    pub fn restore(&self, stored: Vec<StoredSession>) -> usize {
+    /// Access tokens still valid are kept (no refresh until due); sessions
+    /// in `REAUTH_REQUIRED` stay for inspection. Refreshes that fell due
+    /// while the broker was down are spread over a window long enough for
+    /// the default provider's rate budget, so a restart never stampedes the
+    /// IdP. Returns how many sessions were loaded and how many were overdue.
+    pub fn restore(&self, stored: Vec<StoredSession>) -> (usize, usize) {
         let count = stored.len();
+        let mut overdue = Vec::new();
         for record in stored {
             self.registered
                 .insert(record.registered_fingerprint, record.id.clone());
             let session = Arc::new(session_from_record(record));
             self.registry.insert(session.clone());
-            self.refresher.plan(&session);
+            if self.refresher.plan_not_before(&session, None) {
+                overdue.push(session);
+            }
         }
-        count
+        let per_second = self
+            .providers
+            .default_provider()
+            .budget
+            .limits()
+            .per_second
+            .max(1);
+        let window = restart_window(overdue.len(), per_second);
+        let now = SystemTime::now();
+        for session in &overdue {
+            let lapses = match session.lock().refresh_expiry {
+                RefreshExpiry::At(at) => Some(at),
+                _ => None,
+            };
+            let at = restart_slot(now, window, lapses, rand::random());
+            self.refresher.plan_not_before(session, Some(at));
+        }
+        if !overdue.is_empty() {
+            info!(
+                overdue = overdue.len(),
+                window_secs = window.as_secs_f64(),
+                "refreshes that fell due while stopped are spread out"
+            );
+        }
+        (count, overdue.len())
     }
 
     /// Registers a session (idempotent for the same id and refresh token).
@@ -794,6 +826,29 @@ impl TokenWatch {
     }
 }
 
+/// How long overdue refreshes are spread over after a restart: long enough
+/// that they fit the rate budget at half its capacity (leaving the other
+/// half to callers), at least a second, at most ten minutes.
+pub fn restart_window(overdue: usize, per_second: u32) -> Duration {
+    let secs = 2.0 * overdue as f64 / f64::from(per_second.max(1));
+    Duration::from_secs_f64(secs.clamp(1.0, 600.0))
+}
+
+/// When one overdue refresh runs after a restart: uniformly in the window,
+/// but within the first half of the time its refresh token has left, so
+/// spreading never lets a session lapse.
+pub fn restart_slot(
+    now: SystemTime,
+    window: Duration,
+    lapses: Option<SystemTime>,
+    jitter: f64,
+) -> SystemTime {
+    let left = lapses.map_or(window, |at| {
+        at.duration_since(now).unwrap_or(Duration::ZERO) / 2
+    });
+    now + window.min(left).mul_f64(jitter.clamp(0.0, 1.0))
+}
+
 fn ended_error(reason: &EndReason) -> BrokerError {
     match reason {
         EndReason::ReauthenticationRequired(description) => BrokerError::ReauthenticationRequired {
@@ -884,4 +939,50 @@ fn session_from_record(record: StoredSession) -> Session {
             reauth_due_at: record.reauth_due_at,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_window_fits_half_the_rate_budget() {
+        let cases = [
+            (0, 50, 1.0),
+            (10, 50, 1.0),
+            (100, 50, 4.0),
+            (30, 10, 6.0),
+            (1_000_000, 50, 600.0),
+            (5, 0, 10.0),
+        ];
+        for (overdue, per_second, secs) in cases {
+            assert_eq!(
+                restart_window(overdue, per_second),
+                Duration::from_secs_f64(secs),
+                "{overdue} at {per_second}/s"
+            );
+        }
+    }
+
+    #[test]
+    fn restart_slots_never_outrun_the_refresh_token() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let window = Duration::from_secs(60);
+        let cases = [
+            // (lapses in, jitter, slot after now)
+            (None, 0.5, 30.0),
+            (Some(3600), 1.0, 60.0),
+            (Some(20), 1.0, 10.0),
+            (Some(20), 0.5, 5.0),
+            (Some(0), 1.0, 0.0),
+        ];
+        for (lapses, jitter, expected) in cases {
+            let lapses = lapses.map(|s| now + Duration::from_secs(s));
+            assert_eq!(
+                restart_slot(now, window, lapses, jitter),
+                now + Duration::from_secs_f64(expected),
+                "{lapses:?} {jitter}"
+            );
+        }
+    }
 }

@@ -58,9 +58,15 @@ pub struct ServeArgs {
     /// Client id of the default provider.
     #[arg(long)]
     pub client_id: Option<String>,
-    /// Session store.
+    /// Session store [default: sqlite].
     #[arg(long, value_enum)]
     pub store: Option<StoreArg>,
+    /// Data directory of the SQLite store [default: ./data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Key ring file [default: DATA_DIR/tokenbroker.keys].
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -79,6 +85,8 @@ pub struct ServeArgs {
 /// Store choice on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum StoreArg {
+    /// One SQLite file in the data directory.
+    Sqlite,
     /// In memory; lost on exit.
     Memory,
 }

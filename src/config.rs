@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -46,6 +46,8 @@ impl ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
+    /// One SQLite file under `data_dir` (the default).
+    Sqlite,
     /// In process memory: lost on exit (tests and demos).
     Memory,
 }
@@ -74,6 +76,14 @@ pub struct Config {
     pub refresh: RefreshConfig,
     /// Session store.
     pub store: StoreKind,
+    /// Directory of the SQLite store (and of a generated key file).
+    pub data_dir: PathBuf,
+    /// Key ring file (`KEY_ID:BASE64` lines, the first seals); default
+    /// `<data_dir>/tokenbroker.keys`, generated when the data directory is new.
+    pub key_file: Option<PathBuf>,
+    /// The key ring inline (same format, lines or commas), e.g. from
+    /// `TOKENBROKER_KEYS`; takes precedence over `key_file`. Never printed.
+    pub keys: Option<String>,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     /// Largest refresh or access token accepted, in bytes.
@@ -184,7 +194,10 @@ impl Default for Config {
             default_provider: "apiax".into(),
             providers: BTreeMap::from([("apiax".to_string(), ProviderConfig::default())]),
             refresh: RefreshConfig::default(),
-            store: StoreKind::Memory,
+            store: StoreKind::Sqlite,
+            data_dir: PathBuf::from("data"),
+            key_file: None,
+            keys: None,
             max_message_bytes: 64 * 1024,
             max_token_bytes: 16 * 1024,
             log_format: LogFormat::Text,
@@ -386,6 +399,9 @@ impl Config {
     /// The effective configuration as TOML, with secrets redacted.
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
+        if shown.keys.is_some() {
+            shown.keys = Some("[redacted]".into());
+        }
         for provider in shown.providers.values_mut() {
             if provider.client_secret.is_some() {
                 provider.client_secret = Some("[redacted]".into());
@@ -518,8 +534,10 @@ mod tests {
     fn printing_redacts_secrets() {
         let mut config = Config::default();
         config.providers.get_mut("apiax").unwrap().client_secret = Some("s3cr3t-value".into());
+        config.keys = Some("k1:c2VjcmV0LWtleS1tYXRlcmlhbC1zZWNyZXQta2V5LW1hdA==".into());
         let shown = config.redacted_toml();
         assert!(!shown.contains("s3cr3t-value"));
+        assert!(!shown.contains("c2VjcmV0"));
         assert!(shown.contains("[redacted]"));
     }
 }

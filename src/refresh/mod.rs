@@ -713,22 +713,34 @@ impl Refresher {
 
     /// Plans the session's next wake-up in the timer queue.
     pub fn plan(&self, session: &Arc<Session>) {
+        self.plan_not_before(session, None);
+    }
+
+    /// Like [`Refresher::plan`], but a plan that is already due moves to
+    /// `floor` (used to spread overdue refreshes after a restart). Returns
+    /// whether the session was due.
+    pub fn plan_not_before(&self, session: &Arc<Session>, floor: Option<SystemTime>) -> bool {
         let published = session.published();
+        let now = SystemTime::now();
         let mut inner = session.lock();
-        let at = self.planned_at(session, &inner, &published, true);
+        let planned = self.planned_at(session, &inner, &published, true);
+        let due = planned.is_some_and(|at| at <= now);
+        let at = match (planned, floor) {
+            (Some(at), Some(floor)) if at <= now => Some(floor),
+            (at, _) => at,
+        };
         inner.next_refresh_at = at;
         drop(inner);
         match at {
             Some(at) => {
-                let wait = at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
+                let wait = at.duration_since(now).unwrap_or(Duration::ZERO);
                 self.shared
                     .scheduler
                     .schedule(session.id().clone(), tokio::time::Instant::now() + wait);
             }
             None => self.shared.scheduler.cancel(session.id().clone()),
         }
+        due
     }
 
     fn planned_at(

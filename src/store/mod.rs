@@ -3,11 +3,15 @@
 //! The refresh engine writes a rotated refresh token through
 //! [`SessionStore::update`] — a compare-and-swap on the generation — before the
 //! new access token is published (persist before use). Implementations:
-//! [`MemoryStore`] (tests and demos); SQLite and PostgreSQL follow.
+//! [`SqliteStore`] (the embedded default, tokens sealed by a [`seal::KeyRing`])
+//! and [`MemoryStore`] (tests and demos). PostgreSQL follows.
 
 mod memory;
+pub mod seal;
+pub mod sqlite;
 
 pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
 
 use std::time::SystemTime;
 
@@ -120,4 +124,60 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
     ) -> Result<(), StoreError>;
     /// Deletes; `false` if there was nothing to delete.
     async fn delete(&self, id: &SessionId) -> Result<bool, StoreError>;
+}
+
+/// A store that reports whether its last write succeeded, for health: a
+/// backend failure flips it to unhealthy, the next success back.
+#[derive(Debug)]
+pub struct Monitored {
+    inner: std::sync::Arc<dyn SessionStore>,
+    healthy: tokio::sync::watch::Sender<bool>,
+}
+
+impl Monitored {
+    /// Wraps `inner`; healthy until a write fails.
+    pub fn new(inner: std::sync::Arc<dyn SessionStore>) -> Self {
+        Self {
+            inner,
+            healthy: tokio::sync::watch::Sender::new(true),
+        }
+    }
+
+    /// Follows the store's health.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.healthy.subscribe()
+    }
+
+    fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        let healthy = !matches!(result, Err(StoreError::Backend(_)));
+        self.healthy.send_if_modified(|current| {
+            let changed = *current != healthy;
+            *current = healthy;
+            changed
+        });
+        result
+    }
+}
+
+#[async_trait]
+impl SessionStore for Monitored {
+    async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError> {
+        self.inner.load_all().await
+    }
+    async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
+        self.observe(self.inner.insert(session, mode).await)
+    }
+    async fn update(
+        &self,
+        session: &StoredSession,
+        expected_generation: u64,
+    ) -> Result<(), StoreError> {
+        self.observe(self.inner.update(session, expected_generation).await)
+    }
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+        self.observe(self.inner.delete(id).await)
+    }
 }

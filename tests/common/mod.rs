@@ -23,10 +23,13 @@ pub struct TestBroker {
     realm: RealmSettings,
     tweaks: Vec<ConfigTweak>,
     store: Option<Arc<dyn SessionStore>>,
+    data_dir: Option<std::path::PathBuf>,
 }
 
 /// A running pair.
 pub struct Running {
+    pub config: Config,
+    pub scratch: Option<tempfile::TempDir>,
     pub idp: RunningDevIdp,
     pub broker: RunningBroker,
     pub client: TokenBrokerClient<Channel>,
@@ -39,7 +42,15 @@ impl TestBroker {
             realm: RealmSettings::default(),
             tweaks: Vec::new(),
             store: None,
+            data_dir: None,
         }
+    }
+
+    /// Keeps the SQLite store in this directory (e.g. across restarts);
+    /// by default each broker gets a fresh temporary one.
+    pub fn data_dir(mut self, dir: &std::path::Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
     }
 
     /// Serves over this store instead of the configured one.
@@ -69,9 +80,18 @@ impl TestBroker {
         )
         .await
         .expect("dev IdP starts");
+        let scratch = match &self.data_dir {
+            Some(_) => None,
+            None => Some(tempfile::tempdir().expect("a temporary data directory")),
+        };
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| scratch.as_ref().unwrap().path().to_path_buf());
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             shutdown_grace_secs: 5,
+            data_dir,
             ..Config::default()
         };
         config.refresh.backoff_base_ms = 100;
@@ -96,6 +116,8 @@ impl TestBroker {
             .await
             .expect("client connects");
         Running {
+            config,
+            scratch,
             idp,
             broker,
             client,
@@ -183,6 +205,40 @@ impl Running {
             })
             .await
             .map(|r| r.into_inner().session.unwrap())
+    }
+
+    /// Stops the broker and starts a new one on the same data and IdP.
+    pub async fn restart(&mut self) {
+        self.restart_with(|_| {}).await.expect("broker restarts");
+    }
+
+    /// Like [`Running::restart`], changing the config first; the broker
+    /// stays stopped if it fails to start.
+    pub async fn restart_with(
+        &mut self,
+        change: impl FnOnce(&mut Config),
+    ) -> Result<(), tokenbroker::app::AppError> {
+        change(&mut self.config);
+        let config = self.config.clone();
+        let placeholder = app::start(&Config {
+            store: tokenbroker::config::StoreKind::Memory,
+            ..config.clone()
+        })
+        .await
+        .expect("placeholder broker");
+        let old = std::mem::replace(&mut self.broker, placeholder);
+        old.shutdown().await.expect("clean shutdown");
+        let fresh = app::start(&config).await;
+        let fresh = match fresh {
+            Ok(fresh) => fresh,
+            Err(error) => return Err(error),
+        };
+        let placeholder = std::mem::replace(&mut self.broker, fresh);
+        placeholder.shutdown().await.expect("clean shutdown");
+        self.client = TokenBrokerClient::connect(format!("http://{}", self.broker.addr))
+            .await
+            .expect("client connects");
+        Ok(())
     }
 
     pub async fn stop(self) {
