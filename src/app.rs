@@ -110,6 +110,19 @@ fn create_data_dir(dir: &std::path::Path) -> Result<(), AppError> {
 /// The default key file inside a data directory.
 pub const DEFAULT_KEY_FILE: &str = "tokenbroker.keys";
 
+/// The key file a config reads its ring from (`None`: keys are inline).
+pub fn key_file_of(config: &Config) -> Option<std::path::PathBuf> {
+    if config.keys.is_some() {
+        return None;
+    }
+    Some(
+        config
+            .key_file
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join(DEFAULT_KEY_FILE)),
+    )
+}
+
 /// The key ring: inline `keys`, else `key_file`, else the data directory's
 /// key file — generated only when the database does not exist yet.
 pub fn key_ring(config: &Config, db: &std::path::Path) -> Result<KeyRing, AppError> {
@@ -156,6 +169,7 @@ pub struct RunningBroker {
     grace: Duration,
     /// The SQLite store, when configured (key rotation, closing).
     pub sqlite: Option<Arc<SqliteStore>>,
+    key_file: Option<std::path::PathBuf>,
 }
 
 /// Builds the providers of a validated config.
@@ -182,6 +196,7 @@ pub async fn start(config: &Config) -> Result<RunningBroker, AppError> {
     let opened = open_store(config).await?;
     let mut running = start_with_store(config, opened.store).await?;
     running.sqlite = opened.sqlite;
+    running.key_file = key_file_of(config);
     Ok(running)
 }
 
@@ -259,6 +274,7 @@ pub async fn start_with_store(
         server,
         grace: Duration::from_secs(config.shutdown_grace_secs),
         sqlite: None,
+        key_file: None,
     })
 }
 
@@ -299,6 +315,25 @@ async fn report_health(
 }
 
 impl RunningBroker {
+    /// Re-reads the key file (its first key now seals) and re-seals every
+    /// stored session not yet sealed under it, while serving. Returns how
+    /// many sessions were re-sealed. Bound to SIGHUP by `serve`.
+    pub async fn reload_keys(&self) -> Result<u64, AppError> {
+        let (Some(sqlite), Some(path)) = (&self.sqlite, &self.key_file) else {
+            return Err(AppError::Keys(
+                "keys are inline (TOKENBROKER_KEYS) or the store is not SQLite: restart to change them"
+                    .into(),
+            ));
+        };
+        let keys = KeyRing::load_file(path)
+            .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())))?;
+        let primary = keys.primary().clone();
+        sqlite.set_keys(keys).await?;
+        let resealed = sqlite.reseal(500).await?;
+        info!(key_id = %primary, resealed, "key ring reloaded");
+        Ok(resealed)
+    }
+
     /// A token that stops the broker when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -341,11 +376,64 @@ impl RunningBroker {
 /// Runs until `signal` resolves, then shuts down.
 pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), AppError> {
     let running = start(&config).await?;
-    tokio::select! {
-        () = signal => {}
-        () = running.shutdown.cancelled() => {}
-    }
+    serve_until(&running, signal).await;
     running.shutdown().await
+}
+
+/// Waits for `signal` (or a shutdown from inside), reloading the key ring on SIGHUP.
+async fn serve_until(running: &RunningBroker, signal: impl Future<Output = ()>) {
+    let stop = running.shutdown_token();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => return,
+            () = stop.cancelled() => return,
+            () = crate::telemetry::hangup() => {
+                if let Err(error) = running.reload_keys().await {
+                    warn!(%error, "SIGHUP: key ring not reloaded");
+                }
+            }
+        }
+    }
+}
+
+/// `tokenbroker rekey`: re-seals every session in `data_dir` under the first
+/// key of the key file; with `rotate`, first puts a newly generated key
+/// there (keeping the old ones). Safe while `serve` runs on the same data:
+/// rows it changes meanwhile are taken again; send it SIGHUP afterwards so
+/// that it seals with the new key too.
+pub async fn rekey(
+    data_dir: &std::path::Path,
+    key_file: Option<&std::path::Path>,
+    rotate: bool,
+) -> Result<(KeyRing, u64), AppError> {
+    let path = key_file.map_or_else(
+        || data_dir.join(DEFAULT_KEY_FILE),
+        std::path::Path::to_path_buf,
+    );
+    let mut keys = KeyRing::load_file(&path)
+        .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())))?;
+    if rotate {
+        let fresh = KeyRing::generate(crate::store::seal::KeyId::timestamped(
+            std::time::SystemTime::now(),
+        ));
+        keys = keys
+            .with_primary(fresh)
+            .map_err(|e| AppError::Keys(e.to_string()))?;
+        keys.replace_file(&path)
+            .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())))?;
+    }
+    let db = data_dir.join(crate::store::sqlite::DB_FILE);
+    if !db.exists() {
+        return Err(AppError::DataDir {
+            path: data_dir.to_path_buf(),
+            cause: "holds no session database".into(),
+        });
+    }
+    let store = SqliteStore::open(&db, keys.clone()).await?;
+    let resealed = store.reseal(500).await?;
+    store.close().await;
+    Ok((keys, resealed))
 }
 
 /// The configuration of `serve`: file, environment, then flags.
@@ -436,11 +524,7 @@ pub async fn serve(
     }
     let running = start(&config).await?;
     print_walkthrough(running.addr, &idp.base_url(), &settings);
-    let stop = running.shutdown_token();
-    tokio::select! {
-        () = signal => {}
-        () = stop.cancelled() => {}
-    }
+    serve_until(&running, signal).await;
     let result = running.shutdown().await;
     idp.shutdown().await;
     result

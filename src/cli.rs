@@ -29,6 +29,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the development identity provider (a Keycloak-like token endpoint).
     DevIdp(DevIdpArgs),
+    /// Re-seal every stored session under the first key of the key file
+    /// (safe while `serve` runs; then send it SIGHUP).
+    Rekey(RekeyArgs),
     /// Register a session from a refresh token.
     Register(RegisterArgs),
     /// Print an access token of a session.
@@ -80,6 +83,21 @@ pub struct ServeArgs {
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
+}
+
+/// `rekey` flags.
+#[derive(Debug, Args)]
+pub struct RekeyArgs {
+    /// Data directory of the SQLite store.
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Key ring file [default: DATA_DIR/tokenbroker.keys].
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// First generate a new key and put it at the top of the key file (the
+    /// old keys stay, to open what is not re-sealed yet).
+    #[arg(long)]
+    pub rotate: bool,
 }
 
 /// Store choice on the command line.
@@ -373,7 +391,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
             );
             Ok(())
         }
-        Command::Serve(_) | Command::DevIdp(_) => {
+        Command::Serve(_) | Command::DevIdp(_) | Command::Rekey(_) => {
             Err(ClientError::Other("not a client command".into()))
         }
     }

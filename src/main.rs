@@ -43,6 +43,22 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Rekey(args) => {
+            telemetry::init(tokenbroker::config::LogFormat::Text);
+            match app::rekey(&args.data_dir, args.key_file.as_deref(), args.rotate).await {
+                Ok((keys, resealed)) => {
+                    println!(
+                        "{resealed} sessions re-sealed under key {}; send SIGHUP to a running broker so it seals with it too",
+                        keys.primary()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         command => match cli::run_client(command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

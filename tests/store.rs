@@ -243,3 +243,169 @@ async fn a_missing_or_wrong_key_is_a_clear_startup_error() {
     t.get("quinn", None, false).await.unwrap();
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_key_rotation_under_load_leaves_every_session_usable() {
+    use tokenbroker::store::seal::{KeyId, KeyRing};
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = TestBroker::new()
+        .realm(|r| r.access_token_lifespan_secs = 2)
+        .data_dir(dir.path())
+        .start()
+        .await;
+    for i in 0..10 {
+        t.register(&format!("r{i}"), &format!("r{i}")).await;
+    }
+    // Load: forced and plain gets on every session, while the key rotates.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        let mut client = t.client.clone();
+        let stop = stop.clone();
+        load.spawn(async move {
+            let mut served = 0;
+            for round in 0u32.. {
+                if stop.is_cancelled() || round > 5_000 {
+                    break;
+                }
+                let answer = client
+                    .get_access_token(pb::GetAccessTokenRequest {
+                        session_id: format!("r{}", (round + worker) % 10),
+                        min_ttl: None,
+                        force_refresh: round % 3 == 0,
+                    })
+                    .await;
+                assert!(
+                    answer.is_ok(),
+                    "every call succeeds during the rotation: {answer:?}"
+                );
+                served += 1;
+            }
+            served
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key_file = dir.path().join("tokenbroker.keys");
+    let next = KeyRing::generate(KeyId::new("next").unwrap());
+    let rotated = KeyRing::load_file(&key_file)
+        .unwrap()
+        .with_primary(next.clone())
+        .unwrap();
+    rotated.replace_file(&key_file).unwrap();
+    let resealed = t
+        .broker
+        .reload_keys()
+        .await
+        .expect("reloaded while serving");
+    assert!(resealed > 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let mut served = 0;
+    while let Some(result) = load.join_next().await {
+        served += result.unwrap();
+    }
+    assert!(served > 20, "the load ran: {served} calls");
+    let by_key = t
+        .broker
+        .sqlite
+        .as_ref()
+        .unwrap()
+        .rows_by_key()
+        .await
+        .unwrap();
+    assert_eq!(by_key, vec![("next".to_string(), 10)]);
+
+    // Only the new key from now on: every session still opens and refreshes.
+    let only_new = next.to_text().to_string();
+    t.restart_with(|c| c.keys = Some(only_new))
+        .await
+        .expect("the new key alone opens the store");
+    for i in 0..10 {
+        t.get(&format!("r{i}"), None, true)
+            .await
+            .expect("usable after the rotation");
+    }
+    assert_eq!(t.idp().stats().stale_presentations, 0);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_store_turns_health_to_not_serving_and_publishes_nothing() {
+    use tokenbroker::store::SqliteStore;
+    use tokenbroker::store::seal::{KeyId, KeyRing};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenbroker.db");
+    let keys = KeyRing::generate(KeyId::new("k1").unwrap());
+    // A tiny page budget stands in for a full disk.
+    let store = SqliteStore::open_with_pragmas(&path, keys, &[("max_page_count", "14".into())])
+        .await
+        .unwrap();
+    let mut t = TestBroker::new()
+        .store(std::sync::Arc::new(store))
+        .start()
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", t.broker.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    assert_eq!(status_of(&mut health).await, ServingStatus::Serving as i32);
+
+    let mut failure = None;
+    for i in 0..200 {
+        let login = t.idp().login(&format!("f{i}"));
+        let answer = t
+            .client
+            .register_session(pb::RegisterSessionRequest {
+                session_id: format!("f{i}"),
+                refresh_token: login.refresh_token,
+                labels: [("pad".to_string(), "x".repeat(250))].into(),
+                ..Default::default()
+            })
+            .await;
+        if let Err(status) = answer {
+            failure = Some((i, status));
+            break;
+        }
+    }
+    let (i, status) = failure.expect("the store fills up");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(common::reason(&status), "STORE_UNAVAILABLE");
+    assert!(status.message().contains("full"), "{status:?}");
+    // Nothing the store refused is visible.
+    assert_error(
+        t.session(&format!("f{i}")).await,
+        Code::NotFound,
+        "SESSION_NOT_FOUND",
+    );
+    let mut reported = status_of(&mut health).await;
+    for _ in 0..40 {
+        if reported == ServingStatus::NotServing as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reported = status_of(&mut health).await;
+    }
+    assert_eq!(
+        reported,
+        ServingStatus::NotServing as i32,
+        "health reports the failing store"
+    );
+    // Sessions the store accepted keep being served from memory.
+    t.get("f0", None, false).await.unwrap();
+    t.stop().await;
+
+    async fn status_of(h: &mut HealthClient<tonic::transport::Channel>) -> i32 {
+        h.check(HealthCheckRequest {
+            service: "tokenbroker.v1.TokenBroker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+    }
+}

@@ -85,7 +85,7 @@ impl KeyId {
     }
 
     /// `k<unix-seconds>`: the id of a freshly generated key.
-    fn timestamped(now: SystemTime) -> Self {
+    pub fn timestamped(now: SystemTime) -> Self {
         let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         // "k" and at most 20 digits: always a valid id.
         Self(format!("k{secs}"))
@@ -375,11 +375,18 @@ impl KeyRing {
     /// since losing it makes every sealed token unreadable. A file left
     /// half-written by a failed write is removed. Blocking I/O.
     pub fn create_file(path: &Path) -> Result<Self, KeyError> {
+        let ring = Self::generate(KeyId::timestamped(SystemTime::now()));
+        ring.write_new(path)?;
+        Ok(ring)
+    }
+
+    /// Writes this ring to `path`, which must not exist (0600, synced with
+    /// its directory; a half-written file is removed).
+    fn write_new(&self, path: &Path) -> Result<(), KeyError> {
         let write_error = |source| KeyError::Write {
             path: path.to_owned(),
             source,
         };
-        let ring = Self::generate(KeyId::timestamped(SystemTime::now()));
         let mut options = OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -397,7 +404,7 @@ impl KeyRing {
             }
         })?;
         let written = file
-            .write_all(ring.to_text().as_bytes())
+            .write_all(self.to_text().as_bytes())
             .and_then(|()| file.sync_all());
         drop(file);
         if let Err(source) = written {
@@ -405,8 +412,25 @@ impl KeyRing {
             let _ = fs::remove_file(path);
             return Err(write_error(source));
         }
-        sync_parent_dir(path).map_err(write_error)?;
-        Ok(ring)
+        sync_parent_dir(path).map_err(write_error)
+    }
+
+    /// Replaces the key file at `path` with this ring, atomically: written
+    /// to a temporary file beside it (0600), then renamed over it.
+    pub fn replace_file(&self, path: &Path) -> Result<(), KeyError> {
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(".new");
+        let temporary = std::path::PathBuf::from(temporary);
+        let _ = fs::remove_file(&temporary);
+        self.write_new(&temporary)?;
+        fs::rename(&temporary, path).map_err(|source| KeyError::Write {
+            path: path.to_owned(),
+            source,
+        })?;
+        sync_parent_dir(path).map_err(|source| KeyError::Write {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The ring as key text (primary first, one `KEY_ID:BASE64` line per key,
@@ -1060,6 +1084,21 @@ mod tests {
     }
 
     #[cfg(unix)]
+    #[test]
+    fn replace_file_swaps_the_ring_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let old = KeyRing::create_file(&path).unwrap();
+        let rotated = old
+            .with_primary(KeyRing::generate(KeyId::new("next").unwrap()))
+            .unwrap();
+        rotated.replace_file(&path).unwrap();
+        let back = KeyRing::load_file(&path).unwrap();
+        assert_eq!(back.primary().as_str(), "next");
+        assert!(back.contains(old.primary()));
+        assert!(!dir.path().join("keys.new").exists());
+    }
+
     #[test]
     fn load_file_refuses_a_file_others_can_read() {
         use std::os::unix::fs::PermissionsExt;

@@ -71,6 +71,17 @@ impl SqliteStore {
     /// Opens (creating and migrating if needed) the database at `path`, and
     /// checks that `keys` opens what it holds.
     pub async fn open(path: &Path, keys: KeyRing) -> Result<Self, OpenError> {
+        Self::open_with_pragmas(path, keys, &[]).await
+    }
+
+    /// Like [`SqliteStore::open`], with extra SQLite pragmas on every
+    /// connection (e.g. `max_page_count` or `query_only`, to rehearse a full
+    /// disk or a read-only file).
+    pub async fn open_with_pragmas(
+        path: &Path,
+        keys: KeyRing,
+        pragmas: &[(&'static str, String)],
+    ) -> Result<Self, OpenError> {
         let db_error = |cause: String| OpenError::Database {
             path: path.to_path_buf(),
             cause,
@@ -84,6 +95,9 @@ impl SqliteStore {
             .pragma("secure_delete", "ON")
             .foreign_keys(true)
             .log_statements(tracing::log::LevelFilter::Trace);
+        let options = pragmas.iter().fold(options, |options, (name, value)| {
+            options.pragma(*name, value.clone())
+        });
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -159,14 +173,19 @@ impl SqliteStore {
         }
     }
 
-    /// Switches to a new key ring (its primary seals from now on). The ring
-    /// must still open everything stored: call [`SqliteStore::reseal`] to
-    /// move old rows to the new primary before dropping old keys.
-    pub fn set_keys(&self, keys: KeyRing) {
-        *self
-            .keys
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(keys);
+    /// Switches to a new key ring (its primary seals from now on), after
+    /// checking that it opens what is stored. Call [`SqliteStore::reseal`]
+    /// to move old rows to the new primary before dropping old keys.
+    pub async fn set_keys(&self, keys: KeyRing) -> Result<(), OpenError> {
+        let previous = std::mem::replace(
+            &mut *self.keys.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(keys),
+        );
+        if let Err(error) = self.check_keys().await {
+            *self.keys.write().unwrap_or_else(|p| p.into_inner()) = previous;
+            return Err(error);
+        }
+        Ok(())
     }
 
     /// Re-seals, in batches, every row (and the key check) not sealed under
@@ -550,4 +569,218 @@ fn class_from_str(raw: &str) -> ErrorClass {
 /// Parses a `sqlite:` URL or plain path (for tests and tools).
 pub fn path_of(raw: &str) -> PathBuf {
     PathBuf::from_str(raw.trim_start_matches("sqlite:")).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::seal::KeyId;
+
+    fn session(id: &str, refresh: &str, generation: u64) -> StoredSession {
+        let now = SystemTime::now();
+        StoredSession {
+            id: SessionId::parse(id).unwrap(),
+            provider: "apiax".into(),
+            labels: [("team".to_string(), "a".to_string())].into(),
+            refresh_token: RefreshToken::from(refresh),
+            registered_fingerprint: RefreshToken::from(refresh).fingerprint(),
+            access_token: Some(StoredAccessToken {
+                token: AccessToken::from(format!("access-of-{refresh}").as_str()),
+                expires_at: now + Duration::from_secs(1800),
+                issued_at: now,
+                scope: "profile".into(),
+            }),
+            refresh_expiry: RefreshExpiry::At(now + Duration::from_secs(3600)),
+            longest_refresh_lifetime_secs: Some(3600),
+            generation,
+            state: SessionState::Active,
+            last_error: None,
+            created_at: now,
+            last_refresh_at: Some(now),
+            reauth_due_at: None,
+        }
+    }
+
+    async fn open(dir: &Path) -> SqliteStore {
+        let keys = KeyRing::generate(KeyId::new("k1").unwrap());
+        SqliteStore::open(&dir.join(DB_FILE), keys).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_compare_and_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let a = session("a", "refresh-a-1", 1);
+        store.insert(&a, InsertMode::New).await.unwrap();
+        assert_eq!(
+            store.insert(&a, InsertMode::New).await,
+            Err(StoreError::Conflict)
+        );
+        let back = store.get(&a.id).await.unwrap().unwrap();
+        assert_eq!(back.refresh_token.expose_secret(), "refresh-a-1");
+        assert_eq!(back.labels, a.labels);
+        assert_eq!(back.generation, 1);
+        let (RefreshExpiry::At(stored), RefreshExpiry::At(original)) =
+            (back.refresh_expiry, a.refresh_expiry)
+        else {
+            panic!("the refresh expiry comes back");
+        };
+        assert_eq!(to_ms(stored), to_ms(original), "kept to the millisecond");
+
+        let next = session("a", "refresh-a-2", 2);
+        assert_eq!(store.update(&next, 5).await, Err(StoreError::Conflict));
+        store.update(&next, 1).await.unwrap();
+        assert_eq!(
+            store.update(&next, 1).await,
+            Err(StoreError::Conflict),
+            "a stale writer loses"
+        );
+        let ghost = session("ghost", "x", 1);
+        assert_eq!(store.update(&ghost, 0).await, Err(StoreError::NotFound));
+        let all = store.load_all().await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].refresh_token.expose_secret(), "refresh-a-2");
+        assert!(store.delete(&a.id).await.unwrap());
+        assert!(!store.delete(&a.id).await.unwrap());
+        assert!(store.get(&a.id).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_ciphertext_moved_to_another_row_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        store
+            .insert(&session("a", "refresh-a", 1), InsertMode::New)
+            .await
+            .unwrap();
+        store
+            .insert(&session("b", "refresh-b", 1), InsertMode::New)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE sessions SET refresh_token = (SELECT refresh_token FROM sessions WHERE id = 'a') \
+             WHERE id = 'b'",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let error = store.load_all().await.unwrap_err();
+        assert!(error.to_string().contains("\"b\""), "{error}");
+        assert!(store.get(&SessionId::parse("b").unwrap()).await.is_err());
+        assert!(store.get(&SessionId::parse("a").unwrap()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn deleted_sessions_leave_no_ciphertext_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        store
+            .insert(&session("gone", "refresh-gone", 1), InsertMode::New)
+            .await
+            .unwrap();
+        let sealed: Vec<u8> = sqlx::query("SELECT refresh_token FROM sessions WHERE id = 'gone'")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .get(0);
+        store
+            .delete(&SessionId::parse("gone").unwrap())
+            .await
+            .unwrap();
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.close().await;
+        let mut bytes = std::fs::read(dir.path().join(DB_FILE)).unwrap();
+        bytes.extend(std::fs::read(dir.path().join("tokenbroker.db-wal")).unwrap_or_default());
+        assert!(
+            !bytes.windows(sealed.len()).any(|w| w == sealed.as_slice()),
+            "secure_delete overwrote the freed row"
+        );
+    }
+
+    #[tokio::test]
+    async fn rekeying_moves_every_row_to_the_new_primary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let old = KeyRing::generate(KeyId::new("old").unwrap());
+        let store = SqliteStore::open(&path, old.clone()).await.unwrap();
+        for i in 0..25 {
+            store
+                .insert(
+                    &session(&format!("s{i}"), &format!("r{i}"), 1),
+                    InsertMode::New,
+                )
+                .await
+                .unwrap();
+        }
+        let new = KeyRing::generate(KeyId::new("new").unwrap());
+        let both = old.with_primary(new.clone()).unwrap();
+        store.set_keys(both).await.unwrap();
+        assert_eq!(store.reseal(10).await.unwrap(), 25);
+        assert_eq!(
+            store.rows_by_key().await.unwrap(),
+            vec![("new".to_string(), 25)]
+        );
+        store.close().await;
+        // The new key alone opens everything now, the old one nothing.
+        let reopened = SqliteStore::open(&path, new).await.unwrap();
+        assert_eq!(reopened.load_all().await.unwrap().len(), 25);
+        reopened.close().await;
+        let error = SqliteStore::open(&path, old).await.unwrap_err();
+        assert!(matches!(error, OpenError::WrongKey { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_full_or_read_only_database_fails_writes_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let keys = KeyRing::generate(KeyId::new("k1").unwrap());
+        SqliteStore::open(&path, keys.clone())
+            .await
+            .unwrap()
+            .close()
+            .await;
+
+        let read_only =
+            SqliteStore::open_with_pragmas(&path, keys.clone(), &[("query_only", "ON".into())])
+                .await
+                .unwrap();
+        let error = read_only
+            .insert(&session("a", "r", 1), InsertMode::New)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("readonly"), "{error}");
+        read_only.close().await;
+
+        let small = SqliteStore::open_with_pragmas(&path, keys, &[("max_page_count", "12".into())])
+            .await
+            .unwrap();
+        let mut full = None;
+        for i in 0..500 {
+            let big = format!("{i}-{}", "x".repeat(3000));
+            if let Err(error) = small
+                .insert(&session(&format!("s{i}"), &big, 1), InsertMode::New)
+                .await
+            {
+                full = Some(error);
+                break;
+            }
+        }
+        let error = full.expect("the database fills up");
+        assert!(error.to_string().contains("full"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let keys = KeyRing::generate(KeyId::new("k1").unwrap());
+        let error = SqliteStore::open(&path, keys).await.unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("cannot open the session database"), "{text}");
+        assert!(text.contains("not a database"), "{text}");
+    }
 }
