@@ -413,12 +413,15 @@ const UPDATE: &str = "UPDATE sessions SET provider = ?, labels = ?, refresh_toke
 #[async_trait]
 impl SessionStore for SqliteStore {
     async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError> {
+        use futures::StreamExt as _;
         let keys = self.keys();
-        let rows = sqlx::query("SELECT * FROM sessions")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(backend)?;
-        rows.iter().map(|row| self.decode(&keys, row)).collect()
+        // Streamed: one row in memory at a time besides the decoded sessions.
+        let mut rows = sqlx::query("SELECT * FROM sessions").fetch(&self.pool);
+        let mut sessions = Vec::new();
+        while let Some(row) = rows.next().await {
+            sessions.push(self.decode(&keys, &row.map_err(backend)?)?);
+        }
+        Ok(sessions)
     }
 
     async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
@@ -473,6 +476,21 @@ impl SessionStore for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Inserts many new sessions in one transaction (imports, benchmarks).
+    pub async fn insert_many(&self, sessions: &[StoredSession]) -> Result<(), StoreError> {
+        let keys = self.keys();
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        for session in sessions {
+            let encoded = encode(&keys, session);
+            bind_row(sqlx::query(INSERT), session, encoded)
+                .bind(session.id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
     async fn cas(
         &self,
         session: &StoredSession,
