@@ -414,9 +414,17 @@ pub async fn rekey(
     let mut keys = KeyRing::load_file(&path)
         .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())))?;
     if rotate {
-        let fresh = KeyRing::generate(crate::store::seal::KeyId::timestamped(
-            std::time::SystemTime::now(),
-        ));
+        let base = crate::store::seal::KeyId::timestamped(std::time::SystemTime::now());
+        // Unique within the ring even when keys are made within one second.
+        let id = (1..100)
+            .map(|n| match n {
+                1 => Ok(base.clone()),
+                n => crate::store::seal::KeyId::new(&format!("{base}-{n}")),
+            })
+            .find(|id| id.as_ref().is_ok_and(|id| !keys.contains(id)))
+            .unwrap_or(Ok(base))
+            .map_err(|e| AppError::Keys(e.to_string()))?;
+        let fresh = KeyRing::generate(id);
         keys = keys
             .with_primary(fresh)
             .map_err(|e| AppError::Keys(e.to_string()))?;

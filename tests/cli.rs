@@ -17,6 +17,10 @@ struct Serve {
 
 impl Serve {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
@@ -26,6 +30,7 @@ impl Serve {
                 "--dev-idp-listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -64,17 +69,21 @@ impl Serve {
         Command::new(BIN).args(&all).output().expect("client runs")
     }
 
-    // A plain (non-async) test: polling the child with a blocking sleep is fine here.
-    #[allow(clippy::disallowed_methods)]
-    fn stop(mut self) -> std::process::ExitStatus {
+    fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
-                .args(["-TERM", &pid])
+                .args([name, &pid])
                 .status()
                 .unwrap()
                 .success()
         );
+    }
+
+    // A plain (non-async) test: polling the child with a blocking sleep is fine here.
+    #[allow(clippy::disallowed_methods)]
+    fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("-TERM");
         for _ in 0..100 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
@@ -213,4 +222,49 @@ fn bad_config_fails_before_binding_and_names_the_key() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap refuses a bad flag");
+}
+
+#[test]
+fn rekey_rotates_the_key_beside_a_running_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let serve = Serve::start_with(&["--data-dir", data]);
+    for user in ["ann", "ben"] {
+        let out = serve.run(&["register", "--dev-login", user, "--session-id", user]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = Command::new(BIN)
+        .args(["rekey", "--data-dir", data, "--rotate"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("2 sessions re-sealed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let keys = std::fs::read_to_string(dir.path().join("tokenbroker.keys")).unwrap();
+    assert_eq!(
+        keys.lines()
+            .filter(|l| l.contains(':') && !l.starts_with('#'))
+            .count(),
+        2
+    );
+
+    // The running broker picks the new key up on SIGHUP and keeps working.
+    serve.signal("-HUP");
+    let forced = serve.run(&["get", "ann", "--force"]);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+    assert!(serve.stop().success());
+
+    // Nothing is left under the old key.
+    let out = Command::new(BIN)
+        .args(["rekey", "--data-dir", data])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).starts_with("0 sessions re-sealed"),
+        "{}",
+        text(&out.stdout)
+    );
 }
