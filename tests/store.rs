@@ -195,6 +195,12 @@ async fn no_token_bytes_reach_the_database_file() {
         &std::fs::metadata(&key_file).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+    let db_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("tokenbroker.db"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(db_mode & 0o777, 0o600, "only the broker reads the database");
     let key_text = std::fs::read_to_string(&key_file).unwrap();
     let key_b64 = key_text
         .lines()

@@ -681,26 +681,34 @@ impl Refresher {
         generation: u64,
         description: String,
     ) -> FlightResult {
+        let error = SessionError {
+            class: ErrorClass::RejectedSession,
+            description: description.clone(),
+            at: SystemTime::now(),
+        };
         let record = {
-            let mut inner = session.lock();
-            inner.state = SessionState::ReauthRequired;
-            inner.last_error = Some(SessionError {
-                class: ErrorClass::RejectedSession,
-                description: description.clone(),
-                at: SystemTime::now(),
-            });
-            inner.next_refresh_at = None;
-            record_of(
+            let inner = session.lock();
+            let mut record = record_of(
                 session.id(),
                 &inner,
                 None,
                 session.published().reauth_due_at,
-            )
+            );
+            record.state = SessionState::ReauthRequired;
+            record.last_error = Some(error.clone());
+            record
         };
+        // Stored first, so that no caller sees an end that a crash would undo.
         if let Err(error) = self.shared.store.update(&record, generation).await {
             // The provider rejected the token anyway: on a restart the session
             // is rejected again and lands here once more.
             warn!(%error, "could not store the end of the session");
+        }
+        {
+            let mut inner = session.lock();
+            inner.state = SessionState::ReauthRequired;
+            inner.last_error = Some(error);
+            inner.next_refresh_at = None;
         }
         warn!(reason = %description, "session needs re-authentication");
         session.publish_with(|p| {

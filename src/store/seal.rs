@@ -375,8 +375,15 @@ impl KeyRing {
     /// since losing it makes every sealed token unreadable. A file left
     /// half-written by a failed write is removed. Blocking I/O.
     pub fn create_file(path: &Path) -> Result<Self, KeyError> {
+        if path.exists() {
+            return Err(KeyError::Exists {
+                path: path.to_owned(),
+            });
+        }
         let ring = Self::generate(KeyId::timestamped(SystemTime::now()));
-        ring.write_new(path)?;
+        // Written beside it and renamed into place: a crash mid-write never
+        // leaves a partial key file behind to block the next start.
+        ring.replace_file(path)?;
         Ok(ring)
     }
 

@@ -103,6 +103,13 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| db_error(e.to_string()))?;
+        // Only the broker's user may read the database (the data directory
+        // is 0700 too); SQLite gives the -wal and -shm files the same mode.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         MIGRATIONS
             .run(&pool)
             .await
