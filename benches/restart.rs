@@ -37,6 +37,7 @@ fn session(i: usize, access: &str, refresh: &str, now: SystemTime) -> StoredSess
         id: SessionId::parse(&format!("tenant-{}/user-{i}", i % 100)).unwrap(),
         provider: "apiax".into(),
         labels: [("tier".to_string(), "standard".to_string())].into(),
+        owner: None,
         registered_fingerprint: refresh.fingerprint(),
         refresh_token: refresh,
         access_token: Some(StoredAccessToken {

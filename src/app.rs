@@ -176,7 +176,7 @@ pub struct RunningBroker {
 pub fn providers(config: &Config) -> Result<Providers, ConfigError> {
     let mut built = Vec::with_capacity(config.providers.len());
     for (name, provider) in &config.providers {
-        let client = TokenClient::new(config.endpoint(name, provider))
+        let client = TokenClient::new(config.endpoint(name, provider)?)
             .map_err(|e| crate::config::endpoint_error(name, &e))?;
         built.push(Provider {
             name: name.as_str().into(),
@@ -257,7 +257,11 @@ pub async fn start_with_store(
         store_health,
         shutdown.clone(),
     ));
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(server_tls(tls)?)?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(
@@ -276,6 +280,32 @@ pub async fn start_with_store(
         sqlite: None,
         key_file: None,
     })
+}
+
+/// The TLS settings of the gRPC port, read from their files.
+fn server_tls(
+    tls: &crate::config::TlsConfig,
+) -> Result<tonic::transport::ServerTlsConfig, AppError> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ConfigError {
+            key: format!("tls.{key}"),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read("cert_file", &tls.cert_file)?,
+        read("key_file", &tls.key_file)?,
+    );
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(
+                "client_ca_file",
+                ca,
+            )?))
+            .client_auth_optional(false);
+    }
+    Ok(config)
 }
 
 /// The gRPC health service name of the broker.

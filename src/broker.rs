@@ -68,6 +68,8 @@ pub struct Registration {
     pub labels: Labels,
     /// Replace a session with the same id and another refresh token.
     pub replace: bool,
+    /// The authenticated caller registering it (its owner), if any.
+    pub owner: Option<Arc<str>>,
 }
 
 /// Session metadata (never a token).
@@ -362,6 +364,7 @@ impl Broker {
         let fresh = |generation: u64| SessionInner {
             provider: provider.name.clone(),
             labels: request.labels.clone(),
+            owner: request.owner.clone(),
             refresh_token: refresh_token.clone(),
             registered_fingerprint: fingerprint,
             refresh_expiry,
@@ -623,8 +626,19 @@ impl Broker {
         Ok(self.info(&session))
     }
 
-    /// A page of sessions ordered by id, and whether more follow.
-    pub fn list(&self, query: &ListQuery) -> (Vec<SessionInfo>, bool) {
+    /// The caller that registered a session: `None` if there is no such
+    /// session, `Some(None)` if it has no recorded owner.
+    pub fn owner_of(&self, id: &str) -> Option<Option<Arc<str>>> {
+        self.registry.get(id).map(|s| s.lock().owner.clone())
+    }
+
+    /// A page of the sessions that `visible` admits (given id and owner),
+    /// ordered by id, and whether more follow.
+    pub fn list(
+        &self,
+        query: &ListQuery,
+        visible: impl Fn(&SessionId, Option<&str>) -> bool,
+    ) -> (Vec<SessionInfo>, bool) {
         let page_size = query.page_size.clamp(1, 1000);
         // Keep the page_size + 1 smallest matching ids in a max-heap.
         let mut heap: BinaryHeap<HeapEntry> = BinaryHeap::with_capacity(page_size + 1);
@@ -642,6 +656,7 @@ impl Broker {
             {
                 let inner = session.lock();
                 if query.state.is_some_and(|s| s != inner.state)
+                    || !visible(session.id(), inner.owner.as_deref())
                     || !query
                         .labels
                         .iter()
@@ -908,6 +923,7 @@ fn session_from_record(record: StoredSession) -> Session {
     let inner = SessionInner {
         provider: record.provider.into(),
         labels: record.labels,
+        owner: record.owner.map(Into::into),
         refresh_token: record.refresh_token,
         registered_fingerprint: record.registered_fingerprint,
         refresh_expiry: record.refresh_expiry,

@@ -92,6 +92,21 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Seconds that in-flight work gets to finish on shutdown.
     pub shutdown_grace_secs: u64,
+    /// Serve gRPC over TLS (required for `auth.source = "mtls"`).
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS on the gRPC port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server.
+    pub key_file: PathBuf,
+    /// PEM bundle of the CAs that sign client certificates; when set, every
+    /// client must present a certificate signed by one of them.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// One identity provider (an OpenID Connect token endpoint).
@@ -114,6 +129,9 @@ pub struct ProviderConfig {
     pub request_timeout_ms: u64,
     /// Allow a plain `http://` URL to a non-loopback host.
     pub allow_insecure_http: bool,
+    /// PEM bundle of extra root certificates to trust for this provider
+    /// (system roots are always trusted).
+    pub ca_file: Option<PathBuf>,
     /// Refreshes in flight at once.
     pub max_concurrent_refreshes: usize,
     /// Refreshes started per second.
@@ -139,6 +157,7 @@ impl Default for ProviderConfig {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 15_000,
             allow_insecure_http: false,
+            ca_file: None,
             max_concurrent_refreshes: 32,
             max_refreshes_per_second: 50,
             budget_max_wait_ms: 10_000,
@@ -202,6 +221,7 @@ impl Default for Config {
             max_token_bytes: 16 * 1024,
             log_format: LogFormat::Text,
             shutdown_grace_secs: 20,
+            tls: None,
         }
     }
 }
@@ -306,7 +326,7 @@ impl Config {
                     "must be greater than 0",
                 ));
             }
-            self.endpoint(name, provider)
+            self.endpoint(name, provider)?
                 .validate()
                 .map_err(|e| endpoint_error(name, &e))?;
         }
@@ -350,8 +370,8 @@ impl Config {
         Ok(())
     }
 
-    /// The token-endpoint settings of one provider.
-    pub fn endpoint(&self, name: &str, provider: &ProviderConfig) -> Endpoint {
+    /// The token-endpoint settings of one provider (reads its `ca_file`).
+    pub fn endpoint(&self, name: &str, provider: &ProviderConfig) -> Result<Endpoint, ConfigError> {
         let mut endpoint = Endpoint::new_default(name, &provider.token_url, &provider.client_id);
         endpoint.client_secret = provider.client_secret.clone().map(ClientSecret::new);
         endpoint.logout_url = provider
@@ -370,7 +390,15 @@ impl Config {
         endpoint.default_refresh_lifetime = (provider.default_refresh_lifetime_secs > 0)
             .then(|| Duration::from_secs(provider.default_refresh_lifetime_secs));
         endpoint.allow_insecure_http = provider.allow_insecure_http;
-        endpoint
+        if let Some(path) = &provider.ca_file {
+            endpoint.extra_roots_pem = Some(std::fs::read(path).map_err(|e| {
+                ConfigError::new(
+                    format!("providers.{name}.ca_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?);
+        }
+        Ok(endpoint)
     }
 
     /// The budget of one provider.
@@ -420,6 +448,7 @@ pub fn endpoint_error(provider: &str, error: &crate::oidc::EndpointError) -> Con
                 "connect_timeout" => "connect_timeout_ms",
                 "request_timeout" => "request_timeout_ms",
                 "max_body_bytes" => "max_response_bytes",
+                "extra_roots_pem" => "ca_file",
                 "default_access_lifetime" => "default_access_lifetime_secs",
                 "default_refresh_lifetime" => "default_refresh_lifetime_secs",
                 other => other,
@@ -473,7 +502,7 @@ mod tests {
         let apiax = &config.providers["apiax"];
         assert_eq!(apiax.token_url, APIAX_TOKEN_URL);
         assert_eq!(apiax.client_id, "integration-api");
-        let endpoint = config.endpoint("apiax", apiax);
+        let endpoint = config.endpoint("apiax", apiax).unwrap();
         assert_eq!(
             endpoint.logout_url.as_deref(),
             Some("https://auth.apiax.io/auth/realms/apiax/protocol/openid-connect/logout")

@@ -109,6 +109,7 @@ pub fn registration(
         refresh_expires_in,
         labels: request.labels.into_iter().collect(),
         replace: request.replace,
+        owner: None,
     })
 }
 

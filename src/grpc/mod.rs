@@ -108,7 +108,7 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let query = convert::list_query(request.into_inner())?;
-        let (page, more) = self.broker.list(&query);
+        let (page, more) = self.broker.list(&query, |_, _| true);
         let next_page_token = match (more, page.last()) {
             (true, Some(last)) => last.id.to_string(),
             _ => String::new(),

@@ -87,7 +87,26 @@ impl TokenClient {
             .as_deref()
             .map(|url| endpoint.parse_url("revoke_url", url))
             .transpose()?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &endpoint.extra_roots_pem {
+            let roots =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| EndpointError::Invalid {
+                    provider: endpoint.provider.clone(),
+                    field: "extra_roots_pem",
+                    reason: format!("not a PEM certificate bundle: {}", error_chain(&e)),
+                })?;
+            if roots.is_empty() {
+                return Err(EndpointError::Invalid {
+                    provider: endpoint.provider.clone(),
+                    field: "extra_roots_pem",
+                    reason: "holds no certificate".into(),
+                });
+            }
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let http = builder
             .user_agent(USER_AGENT)
             .connect_timeout(endpoint.connect_timeout)
             .timeout(endpoint.request_timeout)

@@ -55,6 +55,9 @@ pub struct Endpoint {
     /// Allow plain `http://` to non-loopback hosts. Loopback hosts (`127.0.0.0/8`, `[::1]`,
     /// `localhost`) may always use `http://`.
     pub allow_insecure_http: bool,
+    /// Extra trusted root certificates (a PEM bundle) for this provider's TLS, on top of the
+    /// system roots: for an IdP behind a private CA.
+    pub extra_roots_pem: Option<Vec<u8>>,
 }
 
 /// An [`Endpoint`] that cannot be used. Names the provider and the offending field, never a
@@ -113,6 +116,7 @@ impl Endpoint {
             default_access_lifetime: DEFAULT_ACCESS_LIFETIME,
             default_refresh_lifetime: None,
             allow_insecure_http: false,
+            extra_roots_pem: None,
         }
     }
 

@@ -203,6 +203,7 @@ pub fn record_of(
         id: id.clone(),
         provider: inner.provider.to_string(),
         labels: inner.labels.clone(),
+        owner: inner.owner.as_deref().map(str::to_owned),
         refresh_token: inner.refresh_token.clone(),
         registered_fingerprint: inner.registered_fingerprint,
         access_token: token.map(|t| StoredAccessToken {

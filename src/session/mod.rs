@@ -136,6 +136,8 @@ pub struct SessionInner {
     pub provider: Arc<str>,
     /// Caller labels.
     pub labels: Labels,
+    /// The caller identity that registered it (policy `owner_only`).
+    pub owner: Option<Arc<str>>,
     /// The newest refresh token received; the only one that may be presented.
     pub refresh_token: RefreshToken,
     /// Fingerprint of the refresh token the caller registered (idempotent re-registration).

@@ -30,6 +30,8 @@ pub struct StoredSession {
     pub provider: String,
     /// Caller labels.
     pub labels: Labels,
+    /// The caller identity that registered it, when authentication was on.
+    pub owner: Option<String>,
     /// The newest refresh token.
     pub refresh_token: RefreshToken,
     /// Fingerprint of the refresh token as registered.

@@ -327,6 +327,7 @@ impl SqliteStore {
             id: session_id,
             provider: row.get("provider"),
             labels,
+            owner: row.get("owner"),
             refresh_token,
             registered_fingerprint,
             access_token,
@@ -402,19 +403,20 @@ fn bind_row<'q>(
         .bind(session.last_refresh_at.map(to_ms))
         .bind(session.reauth_due_at.map(to_ms))
         .bind(encoded.key_id)
+        .bind(session.owner.as_deref())
 }
 
 const INSERT: &str = "INSERT INTO sessions (provider, labels, refresh_token, registered_fingerprint, \
      access_token, access_expires_at_ms, access_issued_at_ms, scope, refresh_expiry_kind, \
      refresh_expires_at_ms, longest_refresh_lifetime_s, generation, state, last_error_class, \
      last_error_description, last_error_at_ms, created_at_ms, last_refresh_at_ms, reauth_due_at_ms, \
-     key_id, id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+     key_id, owner, id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
 const UPDATE: &str = "UPDATE sessions SET provider = ?, labels = ?, refresh_token = ?, \
      registered_fingerprint = ?, access_token = ?, access_expires_at_ms = ?, access_issued_at_ms = ?, \
      scope = ?, refresh_expiry_kind = ?, refresh_expires_at_ms = ?, longest_refresh_lifetime_s = ?, \
      generation = ?, state = ?, last_error_class = ?, last_error_description = ?, last_error_at_ms = ?, \
-     created_at_ms = ?, last_refresh_at_ms = ?, reauth_due_at_ms = ?, key_id = ? \
+     created_at_ms = ?, last_refresh_at_ms = ?, reauth_due_at_ms = ?, key_id = ?, owner = ? \
      WHERE id = ? AND generation = ?";
 
 #[async_trait]
@@ -607,6 +609,7 @@ mod tests {
             id: SessionId::parse(id).unwrap(),
             provider: "apiax".into(),
             labels: [("team".to_string(), "a".to_string())].into(),
+            owner: Some("spiffe://test/ns/a/sa/b".into()),
             refresh_token: RefreshToken::from(refresh),
             registered_fingerprint: RefreshToken::from(refresh).fingerprint(),
             access_token: Some(StoredAccessToken {
@@ -644,6 +647,7 @@ mod tests {
         let back = store.get(&a.id).await.unwrap().unwrap();
         assert_eq!(back.refresh_token.expose_secret(), "refresh-a-1");
         assert_eq!(back.labels, a.labels);
+        assert_eq!(back.owner, a.owner);
         assert_eq!(back.generation, 1);
         let (RefreshExpiry::At(stored), RefreshExpiry::At(original)) =
             (back.refresh_expiry, a.refresh_expiry)
