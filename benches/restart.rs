@@ -89,12 +89,13 @@ async fn main() {
     store.close().await;
     let db_mib = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0) as f64 / 1_048_576.0;
 
-    let config = Config {
+    let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
         keys: Some(keys.to_text().to_string()),
         ..Config::default()
     };
+    config.auth.insecure_no_auth = true;
     let rss_before = rss_mib();
     let started = Instant::now();
     let running = app::start(&config).await.unwrap();

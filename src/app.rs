@@ -12,11 +12,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::auth::{IdentitySource, Policy, PolicyHandle};
 use crate::broker::{Broker, BrokerSettings};
 use crate::cli::{DevIdpArgs, ServeArgs, StoreArg};
 use crate::config::{Config, ConfigError, LogFormat, StoreKind};
 use crate::devidp::{DevIdp, RealmSettings};
 use crate::grpc::TokenBrokerService;
+use crate::grpc::gate::Gate;
 use crate::oidc::TokenClient;
 use crate::refresh::{Budget, Provider, Providers, Refresher, scheduler_channel};
 use crate::session::Registry;
@@ -49,6 +51,9 @@ pub enum AppError {
     /// The key ring could not be loaded.
     #[error("encryption keys: {0}")]
     Keys(String),
+    /// The access policy could not be loaded.
+    #[error("access policy: {0}")]
+    Policy(String),
     /// The data directory could not be prepared.
     #[error("data directory {path}: {cause}")]
     DataDir {
@@ -170,6 +175,46 @@ pub struct RunningBroker {
     /// The SQLite store, when configured (key rotation, closing).
     pub sqlite: Option<Arc<SqliteStore>>,
     key_file: Option<std::path::PathBuf>,
+    /// The access policy, when a policy file is in force.
+    pub policy: Option<PolicyHandle>,
+}
+
+/// The gate of the gRPC port: the configured identity source and policy.
+/// Without one, every caller may do everything — said loudly.
+fn gate(config: &Config) -> Result<(Arc<Gate>, Option<PolicyHandle>), AppError> {
+    let limit = config.auth.max_streams_per_caller;
+    match config.auth.source {
+        None | Some(IdentitySource::None) => {
+            warn!(
+                "NO CALLER AUTHENTICATION: every process that reaches the port may read every \
+                 session's tokens (auth.source = none / --insecure-no-auth); never run this way \
+                 outside development"
+            );
+            let policy = PolicyHandle::new(Policy::allow_all(), None);
+            Ok((
+                Arc::new(Gate::new(IdentitySource::None, policy, limit)),
+                None,
+            ))
+        }
+        Some(source) => {
+            let path = config.auth.policy_file.clone().ok_or_else(|| ConfigError {
+                key: "auth.policy_file".into(),
+                reason: "required with an identity source".into(),
+            })?;
+            let policy = PolicyHandle::load(path.clone())
+                .map_err(|e| AppError::Policy(format!("{}: {e}", path.display())))?;
+            info!(
+                ?source,
+                policy = %path.display(),
+                rules = policy.current().rule_count(),
+                "caller authentication on; default deny"
+            );
+            Ok((
+                Arc::new(Gate::new(source, policy.clone(), limit)),
+                Some(policy),
+            ))
+        }
+    }
 }
 
 /// Builds the providers of a validated config.
@@ -250,14 +295,23 @@ pub async fn start_with_store(
         addr: config.listen,
         source,
     })?;
-    let service = TokenBrokerService::new(broker.clone()).into_server(config.max_message_bytes);
+    let (gate, policy) = gate(config)?;
+    if let Some(policy) = policy.clone().filter(|p| p.path().is_some()) {
+        tracker.spawn(policy.watch_file(
+            Duration::from_secs(config.auth.policy_poll_secs.max(1)),
+            shutdown.clone(),
+        ));
+    }
+    let service =
+        TokenBrokerService::new(broker.clone(), gate).into_server(config.max_message_bytes);
     let (health, health_service) = tonic_health::server::health_reporter();
     tracker.spawn(report_health(
         health.clone(),
         store_health,
         shutdown.clone(),
     ));
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.auth.max_streams_per_connection);
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(server_tls(tls)?)?;
     }
@@ -279,6 +333,7 @@ pub async fn start_with_store(
         grace: Duration::from_secs(config.shutdown_grace_secs),
         sqlite: None,
         key_file: None,
+        policy,
     })
 }
 
@@ -419,8 +474,16 @@ async fn serve_until(running: &RunningBroker, signal: impl Future<Output = ()>) 
             () = &mut signal => return,
             () = stop.cancelled() => return,
             () = crate::telemetry::hangup() => {
-                if let Err(error) = running.reload_keys().await {
+                if running.key_file.is_some() && running.sqlite.is_some()
+                    && let Err(error) = running.reload_keys().await
+                {
                     warn!(%error, "SIGHUP: key ring not reloaded");
+                }
+                // An invalid policy keeps the one in force (and says why).
+                if let Some(policy) = &running.policy
+                    && policy.reload().is_ok()
+                {
+                    info!("SIGHUP: access policy reloaded");
                 }
             }
         }
@@ -493,6 +556,9 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     }
     if args.log_json {
         config.log_format = LogFormat::Json;
+    }
+    if args.insecure_no_auth || args.dev {
+        config.auth.insecure_no_auth = true;
     }
     let default = config.default_provider.clone();
     let provider = config.providers.entry(default).or_default();

@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// caller allowed, and a walkthrough printed at start.
     #[arg(long)]
     pub dev: bool,
+    /// Serve without any caller authentication (implied by --dev). Every
+    /// process that reaches the port may then read every token.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// Where the dev IdP listens in `--dev` mode.
     #[arg(long, default_value = "127.0.0.1:8180")]
     pub dev_idp_listen: SocketAddr,

@@ -94,6 +94,41 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Serve gRPC over TLS (required for `auth.source = "mtls"`).
     pub tls: Option<TlsConfig>,
+    /// Caller authentication and authorization.
+    pub auth: AuthConfig,
+}
+
+/// Who may call, and what they may do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Where caller identities come from: `mtls`, `xfcc` (Istio/Envoy),
+    /// `linkerd`, or `none` (everyone may do everything; logged loudly).
+    /// Unset: `serve` refuses to start unless `insecure_no_auth`.
+    pub source: Option<crate::auth::IdentitySource>,
+    /// The policy file (TOML); required with a source other than `none`.
+    pub policy_file: Option<PathBuf>,
+    /// Run without any identity source (implied by `--dev`).
+    pub insecure_no_auth: bool,
+    /// Concurrent watch streams per caller (per connection without auth).
+    pub max_streams_per_caller: usize,
+    /// HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// How often the policy file is checked for changes (it also reloads on SIGHUP).
+    pub policy_poll_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            source: None,
+            policy_file: None,
+            insecure_no_auth: false,
+            max_streams_per_caller: 100,
+            max_streams_per_connection: 200,
+            policy_poll_secs: 5,
+        }
+    }
 }
 
 /// TLS on the gRPC port.
@@ -222,6 +257,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             shutdown_grace_secs: 20,
             tls: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -353,6 +389,43 @@ impl Config {
             return Err(ConfigError::new(
                 "refresh.backoff_cap_secs",
                 "must not be below backoff_base_ms",
+            ));
+        }
+        use crate::auth::IdentitySource;
+        match (self.auth.source, self.auth.insecure_no_auth) {
+            (None, false) => {
+                return Err(ConfigError::new(
+                    "auth.source",
+                    "no caller identity source is configured: set auth.source (mtls, xfcc, \
+                     linkerd or none) with a policy file, or pass --insecure-no-auth",
+                ));
+            }
+            (Some(IdentitySource::Mtls), _)
+                if self
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.client_ca_file.as_ref())
+                    .is_none() =>
+            {
+                return Err(ConfigError::new(
+                    "tls.client_ca_file",
+                    "auth.source = \"mtls\" needs [tls] with client_ca_file",
+                ));
+            }
+            (Some(source), _)
+                if source != IdentitySource::None && self.auth.policy_file.is_none() =>
+            {
+                return Err(ConfigError::new(
+                    "auth.policy_file",
+                    "an identity source needs a policy file (default deny)",
+                ));
+            }
+            _ => {}
+        }
+        if self.auth.max_streams_per_caller == 0 || self.auth.max_streams_per_connection == 0 {
+            return Err(ConfigError::new(
+                "auth.max_streams_per_caller",
+                "must be greater than 0",
             ));
         }
         if self.max_message_bytes < 4096 {
@@ -497,7 +570,8 @@ mod tests {
 
     #[test]
     fn defaults_point_at_apiax_production() {
-        let config = Config::load(None, env(&[])).unwrap();
+        let config =
+            Config::load(None, env(&[("TOKENBROKER_AUTH__INSECURE_NO_AUTH", "true")])).unwrap();
         config.validate().unwrap();
         let apiax = &config.providers["apiax"];
         assert_eq!(apiax.token_url, APIAX_TOKEN_URL);
@@ -523,6 +597,7 @@ mod tests {
             env(&[
                 ("TOKENBROKER_LISTEN", "127.0.0.1:7000"),
                 ("TOKENBROKER_PROVIDERS__STAGING__REQUEST_TIMEOUT_MS", "7500"),
+                ("TOKENBROKER_AUTH__SOURCE", "none"),
                 ("UNRELATED", "x"),
             ]),
         )
@@ -557,6 +632,39 @@ mod tests {
         let mut config = Config::default();
         config.refresh.early_ratio = 1.5;
         assert_eq!(config.validate().unwrap_err().key, "refresh.early_ratio");
+    }
+
+    #[test]
+    fn authentication_must_be_chosen_and_complete() {
+        use crate::auth::IdentitySource;
+        let mut config = Config::default();
+        assert_eq!(
+            config.validate().unwrap_err().key,
+            "auth.source",
+            "no silent default"
+        );
+        config.auth.insecure_no_auth = true;
+        config.validate().unwrap();
+
+        let mut config = Config::default();
+        config.auth.source = Some(IdentitySource::Xfcc);
+        assert_eq!(config.validate().unwrap_err().key, "auth.policy_file");
+        config.auth.policy_file = Some("policy.toml".into());
+        config.validate().unwrap();
+
+        config.auth.source = Some(IdentitySource::Mtls);
+        assert_eq!(config.validate().unwrap_err().key, "tls.client_ca_file");
+        config.tls = Some(TlsConfig {
+            cert_file: "tls.crt".into(),
+            key_file: "tls.key".into(),
+            client_ca_file: Some("ca.crt".into()),
+        });
+        config.validate().unwrap();
+
+        let from_env = Config::load(None, env(&[("TOKENBROKER_AUTH__SOURCE", "linkerd")])).unwrap();
+        assert_eq!(from_env.auth.source, Some(IdentitySource::Linkerd));
+        let err = Config::load(None, env(&[("TOKENBROKER_AUTH__SOURCE", "kerberos")])).unwrap_err();
+        assert_eq!(err.key, "auth.source", "{err}");
     }
 
     #[test]

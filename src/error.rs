@@ -63,6 +63,18 @@ pub enum BrokerError {
     /// The broker is draining.
     #[error("shutting down")]
     ShuttingDown,
+    /// No caller identity where one is required (or an unreadable one).
+    #[error("caller not authenticated: {description}")]
+    CallerUnauthenticated {
+        /// What is missing or wrong.
+        description: String,
+    },
+    /// The caller may know the session but not do this with it.
+    #[error("caller may not {operation} this session")]
+    CallerNotAllowed {
+        /// The operation refused.
+        operation: &'static str,
+    },
 }
 
 impl BrokerError {

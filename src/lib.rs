@@ -2,6 +2,7 @@
 //! access tokens to internal services over gRPC.
 //!
 //! # Layout
+//! - [`auth`]: caller identity (mTLS, XFCC, Linkerd) and the reloadable session access policy.
 //! - [`app`]: wiring and task ownership: builds the parts from config, serves, shuts down.
 //! - [`cli`]: the command line: `serve`, `dev-idp` and the client commands.
 //! - [`config`]: typed config from defaults, TOML file, `TOKENBROKER_*` env and flags; validation.
@@ -22,6 +23,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -167,7 +167,13 @@ impl Serve {
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(BIN);
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--insecure-no-auth",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args([
                 "--token-url",

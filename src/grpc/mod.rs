@@ -1,7 +1,9 @@
-//! The tonic adapter: validates and converts requests, calls the [`Broker`],
-//! maps errors through [`status::to_status`]. No business logic lives here.
+//! The tonic adapter: authenticates and authorizes through the [`Gate`],
+//! validates and converts requests, calls the [`Broker`], maps errors through
+//! [`status::to_status`]. No business logic lives here.
 
 pub mod convert;
+pub mod gate;
 pub mod status;
 
 use std::pin::Pin;
@@ -11,22 +13,25 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
+use crate::auth::Operation;
 use crate::broker::{Broker, WatchEvent};
 use crate::error::BrokerError;
 use crate::pb;
 use crate::pb::token_broker_server::{TokenBroker, TokenBrokerServer};
 use crate::session::SessionId;
+use gate::{Caller, Gate};
 
 /// The `tokenbroker.v1.TokenBroker` service.
 #[derive(Debug, Clone)]
 pub struct TokenBrokerService {
     broker: Arc<Broker>,
+    gate: Arc<Gate>,
 }
 
 impl TokenBrokerService {
-    /// A service over this broker.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+    /// A service over this broker, guarded by `gate`.
+    pub fn new(broker: Arc<Broker>, gate: Arc<Gate>) -> Self {
+        Self { broker, gate }
     }
 
     /// The tonic server for it, with message size bounds.
@@ -34,6 +39,18 @@ impl TokenBrokerService {
         TokenBrokerServer::new(self)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes)
+    }
+
+    /// Authorizes `op` on `session_id`. A missing session answers NOT_FOUND
+    /// for every operation but register, whatever the policy says, so no
+    /// answer tells a caller more than it may know (see `auth` docs).
+    fn authorize(&self, caller: &Caller, op: Operation, session_id: &str) -> Result<(), Status> {
+        let owner = self.broker.owner_of(session_id);
+        if owner.is_none() && op != Operation::Register {
+            return Err(BrokerError::SessionNotFound.into());
+        }
+        let owner = owner.flatten();
+        Ok(self.gate.check(caller, op, session_id, owner.as_deref())?)
     }
 }
 
@@ -45,9 +62,16 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::RegisterSessionRequest>,
     ) -> Result<Response<pb::RegisterSessionResponse>, Status> {
-        let registration =
+        let caller = self.gate.caller(&request)?;
+        let mut registration =
             convert::registration(request.into_inner(), self.broker.settings().max_token_bytes)?;
-        let span = tracing::info_span!("register_session", session_id = ?registration.session_id.as_ref().map(|id| id.as_str()));
+        let id = registration
+            .session_id
+            .as_ref()
+            .map_or_else(String::new, |id| id.to_string());
+        self.authorize(&caller, Operation::Register, &id)?;
+        registration.owner = caller.map(|c| c.as_str().into());
+        let span = tracing::info_span!("register_session", session_id = %id);
         let (info, created) = self.broker.register(registration).instrument(span).await?;
         Ok(Response::new(pb::RegisterSessionResponse {
             session: Some(convert::session(info)),
@@ -59,10 +83,12 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
+        let caller = self.gate.caller(&request)?;
         let request = request.into_inner();
         // The hot path: validated and looked up as `&str`, no allocation.
         SessionId::check(&request.session_id)?;
         let min_ttl = convert::min_ttl(request.min_ttl)?;
+        self.authorize(&caller, Operation::Get, &request.session_id)?;
         let token = self
             .broker
             .get_token(&request.session_id, min_ttl, request.force_refresh)
@@ -78,15 +104,21 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
-        let id = convert::session_id(&request.into_inner().session_id)?;
+        let caller = self.gate.caller(&request)?;
+        let slot = self.gate.open_stream(&caller, &request)?;
+        let id = convert::session_id(&request.get_ref().session_id)?;
+        self.authorize(&caller, Operation::Watch, id.as_str())?;
         let watch = self.broker.watch(&id)?;
-        let stream = futures::stream::unfold(Some(watch), |state| async move {
-            let mut watch = state?;
+        // The slot travels with the stream: released when the stream ends.
+        let stream = futures::stream::unfold(Some((watch, slot)), |state| async move {
+            let (mut watch, slot) = state?;
             match watch.next().await? {
                 WatchEvent::ShuttingDown => {
                     Some((Err(Status::from(BrokerError::ShuttingDown)), None))
                 }
-                event => convert::watch_event(event).map(|message| (Ok(message), Some(watch))),
+                event => {
+                    convert::watch_event(event).map(|message| (Ok(message), Some((watch, slot))))
+                }
             }
         });
         Ok(Response::new(Box::pin(stream)))
@@ -96,7 +128,9 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let caller = self.gate.caller(&request)?;
         let id = convert::session_id(&request.into_inner().session_id)?;
+        self.authorize(&caller, Operation::Inspect, id.as_str())?;
         let info = self.broker.inspect(&id)?;
         Ok(Response::new(pb::GetSessionResponse {
             session: Some(convert::session(info)),
@@ -107,8 +141,11 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let caller = self.gate.caller(&request)?;
         let query = convert::list_query(request.into_inner())?;
-        let (page, more) = self.broker.list(&query, |_, _| true);
+        let (page, more) = self.broker.list(&query, |id, owner| {
+            self.gate.may_list(&caller, id.as_str(), owner)
+        });
         let next_page_token = match (more, page.last()) {
             (true, Some(last)) => last.id.to_string(),
             _ => String::new(),
@@ -123,7 +160,9 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let caller = self.gate.caller(&request)?;
         let id = convert::session_id(&request.into_inner().session_id)?;
+        self.authorize(&caller, Operation::Delete, id.as_str())?;
         let logged_out_upstream = self.broker.delete(&id).await?;
         Ok(Response::new(pb::DeleteSessionResponse {
             logged_out_upstream,

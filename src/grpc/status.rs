@@ -28,6 +28,10 @@ pub fn to_status(error: &BrokerError) -> Status {
         BrokerError::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
         BrokerError::StoreUnavailable { .. } => (Code::Unavailable, "STORE_UNAVAILABLE"),
         BrokerError::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
+        BrokerError::CallerUnauthenticated { .. } => {
+            (Code::Unauthenticated, "CALLER_UNAUTHENTICATED")
+        }
+        BrokerError::CallerNotAllowed { .. } => (Code::PermissionDenied, "CALLER_NOT_ALLOWED"),
     };
     let mut metadata = HashMap::new();
     if let BrokerError::ProviderMisconfigured { provider, .. }
@@ -129,6 +133,20 @@ mod tests {
                 Code::Unavailable,
                 "SHUTTING_DOWN",
                 true,
+            ),
+            (
+                BrokerError::CallerUnauthenticated {
+                    description: "no identity".into(),
+                },
+                Code::Unauthenticated,
+                "CALLER_UNAUTHENTICATED",
+                false,
+            ),
+            (
+                BrokerError::CallerNotAllowed { operation: "get" },
+                Code::PermissionDenied,
+                "CALLER_NOT_ALLOWED",
+                false,
             ),
         ];
         for (error, code, reason, retryable) in cases {

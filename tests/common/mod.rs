@@ -94,6 +94,7 @@ impl TestBroker {
             data_dir,
             ..Config::default()
         };
+        config.auth.insecure_no_auth = true;
         config.refresh.backoff_base_ms = 100;
         config.refresh.on_demand_backoff_cap_ms = 200;
         let provider = config.providers.get_mut("apiax").unwrap();
