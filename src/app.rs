@@ -303,7 +303,7 @@ pub async fn start_with_store(
         ));
     }
     let service =
-        TokenBrokerService::new(broker.clone(), gate).into_server(config.max_message_bytes);
+        TokenBrokerService::new(broker.clone(), gate, config.max_message_bytes).into_server();
     let (health, health_service) = tonic_health::server::health_reporter();
     tracker.spawn(report_health(
         health.clone(),

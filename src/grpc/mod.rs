@@ -26,19 +26,44 @@ use gate::{Caller, Gate};
 pub struct TokenBrokerService {
     broker: Arc<Broker>,
     gate: Arc<Gate>,
+    max_message_bytes: usize,
 }
 
 impl TokenBrokerService {
     /// A service over this broker, guarded by `gate`.
-    pub fn new(broker: Arc<Broker>, gate: Arc<Gate>) -> Self {
-        Self { broker, gate }
+    pub fn new(broker: Arc<Broker>, gate: Arc<Gate>, max_message_bytes: usize) -> Self {
+        Self {
+            broker,
+            gate,
+            max_message_bytes,
+        }
     }
 
-    /// The tonic server for it, with message size bounds.
-    pub fn into_server(self, max_message_bytes: usize) -> TokenBrokerServer<Self> {
+    /// The tonic server for it. Requests up to 16 times `max_message_bytes`
+    /// are decoded so that an oversized one gets a clear INVALID_ARGUMENT
+    /// from the handlers; beyond that tonic refuses it
+    /// (OUT_OF_RANGE) without reading it.
+    pub fn into_server(self) -> TokenBrokerServer<Self> {
+        let limit = self.max_message_bytes;
         TokenBrokerServer::new(self)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes)
+            .max_decoding_message_size(limit.saturating_mul(16))
+            .max_encoding_message_size(limit)
+    }
+
+    /// Refuses a request larger than `max_message_bytes`.
+    fn bounded<M: prost::Message>(&self, message: &M) -> Result<(), Status> {
+        let size = message.encoded_len();
+        if size > self.max_message_bytes {
+            return Err(BrokerError::invalid(
+                "request",
+                format!(
+                    "{size} bytes; at most {} are accepted",
+                    self.max_message_bytes
+                ),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     /// Authorizes `op` on `session_id`. A missing session answers NOT_FOUND
@@ -63,6 +88,7 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::RegisterSessionRequest>,
     ) -> Result<Response<pb::RegisterSessionResponse>, Status> {
         let caller = self.gate.caller(&request)?;
+        self.bounded(request.get_ref())?;
         let mut registration =
             convert::registration(request.into_inner(), self.broker.settings().max_token_bytes)?;
         let id = registration
@@ -142,6 +168,7 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let caller = self.gate.caller(&request)?;
+        self.bounded(request.get_ref())?;
         let query = convert::list_query(request.into_inner())?;
         let (page, more) = self.broker.list(&query, |id, owner| {
             self.gate.may_list(&caller, id.as_str(), owner)
