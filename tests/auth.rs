@@ -530,3 +530,41 @@ async fn bounds_are_clear_errors_and_leave_the_broker_healthy() {
         .expect("serving as before");
     t.stop().await;
 }
+
+#[tokio::test]
+async fn without_authentication_watch_streams_are_bounded_per_connection() {
+    let mut t = TestBroker::new()
+        .config(|c| c.auth.max_streams_per_caller = 2)
+        .start()
+        .await;
+    t.register("fay", "fay").await;
+    let open = |client: &tokenbroker::pb::token_broker_client::TokenBrokerClient<
+        tonic::transport::Channel,
+    >| {
+        let mut client = client.clone();
+        async move {
+            client
+                .watch_token(pb::WatchTokenRequest {
+                    session_id: "fay".into(),
+                })
+                .await
+        }
+    };
+    let _a = open(&t.client).await.expect("first");
+    let _b = open(&t.client).await.expect("second");
+    assert_error(
+        open(&t.client).await,
+        Code::ResourceExhausted,
+        "RATE_LIMITED",
+    );
+    // Another connection has its own budget.
+    let other = tokenbroker::pb::token_broker_client::TokenBrokerClient::connect(format!(
+        "http://{}",
+        t.broker.addr
+    ))
+    .await
+    .unwrap();
+    let _c = open(&other).await.expect("a new connection may watch");
+    t.get("fay", None, false).await.expect("still serving");
+    t.stop().await;
+}

@@ -217,6 +217,29 @@ fn bad_config_fails_before_binding_and_names_the_key() {
         text(&out.stderr)
     );
 
+    // No caller identity source: refuse, unless explicitly insecure.
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "/nonexistent/never-created",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("auth.source"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("--insecure-no-auth"),
+        "{}",
+        text(&out.stderr)
+    );
+
     let out = Command::new(BIN)
         .args(["serve", "--listen", "nonsense"])
         .output()
