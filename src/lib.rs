@@ -6,7 +6,8 @@
 //! - [`app`]: wiring and task ownership: builds the parts from config, serves, shuts down.
 //! - [`cli`]: the command line: `serve`, `dev-idp` and the client commands.
 //! - [`config`]: typed config from defaults, TOML file, `TOKENBROKER_*` env and flags; validation.
-//! - [`grpc`]: the tonic adapter: validation, conversion, the one error-to-status mapping.
+//! - [`grpc`]: the tonic adapter: the auth gate (identity, policy, stream bounds), validation,
+//!   conversion, the one error-to-status mapping.
 //! - [`broker`]: the use cases: register, get, watch, inspect, list, delete.
 //! - [`session`]: session state, the published view (watch channel), the registry (DashMap).
 //! - [`refresh`]: single-flight refreshes, persist-before-use, backoff, IdP budget, the timer queue;
