@@ -251,7 +251,10 @@ pub async fn start_with_store(
     store: Arc<dyn SessionStore>,
 ) -> Result<RunningBroker, AppError> {
     config.validate()?;
+    // Everything read from files comes before any port is bound.
     let providers = providers(config)?;
+    let (gate, policy) = gate(config)?;
+    let tls = config.tls.as_ref().map(server_tls).transpose()?;
     let store = Arc::new(Monitored::new(store));
     let store_health = store.health();
     let stored = store.load_all().await?;
@@ -295,7 +298,6 @@ pub async fn start_with_store(
         addr: config.listen,
         source,
     })?;
-    let (gate, policy) = gate(config)?;
     if let Some(policy) = policy.clone().filter(|p| p.path().is_some()) {
         tracker.spawn(policy.watch_file(
             Duration::from_secs(config.auth.policy_poll_secs.max(1)),
@@ -312,8 +314,8 @@ pub async fn start_with_store(
     ));
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(config.auth.max_streams_per_connection);
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(server_tls(tls)?)?;
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
     }
     let server = builder
         .add_service(health_service)
@@ -468,22 +470,24 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
 /// Waits for `signal` (or a shutdown from inside), reloading the key ring on SIGHUP.
 async fn serve_until(running: &RunningBroker, signal: impl Future<Output = ()>) {
     let stop = running.shutdown_token();
+    let mut hangups = crate::telemetry::Hangups::new();
     tokio::pin!(signal);
     loop {
         tokio::select! {
             () = &mut signal => return,
             () = stop.cancelled() => return,
-            () = crate::telemetry::hangup() => {
-                if running.key_file.is_some() && running.sqlite.is_some()
-                    && let Err(error) = running.reload_keys().await
-                {
-                    warn!(%error, "SIGHUP: key ring not reloaded");
-                }
-                // An invalid policy keeps the one in force (and says why).
+            () = hangups.recv() => {
+                // The policy first (quick); an invalid one keeps the one in
+                // force and says why.
                 if let Some(policy) = &running.policy
                     && policy.reload().is_ok()
                 {
                     info!("SIGHUP: access policy reloaded");
+                }
+                if running.key_file.is_some() && running.sqlite.is_some()
+                    && let Err(error) = running.reload_keys().await
+                {
+                    warn!(%error, "SIGHUP: key ring not reloaded");
                 }
             }
         }

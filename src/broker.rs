@@ -116,6 +116,27 @@ pub struct ListQuery {
     pub after: Option<SessionId>,
 }
 
+/// Who owns the session a registration resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingOwner<'a> {
+    /// No such session yet.
+    New,
+    /// It exists without a recorded owner (registered without authentication).
+    Unowned,
+    /// It exists and this caller registered it.
+    Owned(&'a str),
+}
+
+/// Asked by [`Broker::register`] whether the caller may register (or
+/// replace) this id.
+pub type RegisterCheck =
+    Box<dyn Fn(&SessionId, ExistingOwner<'_>) -> Result<(), BrokerError> + Send + Sync>;
+
+/// A check that allows every registration (no authentication).
+pub fn allow_any_registration() -> RegisterCheck {
+    Box::new(|_, _| Ok(()))
+}
+
 /// One event of a watch stream.
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
@@ -248,16 +269,19 @@ impl Broker {
     }
 
     /// Registers a session (idempotent for the same id and refresh token).
+    /// `authorize` is asked, while the id is held, whether the caller may
+    /// register (or replace) the session it resolves to.
     ///
     /// Runs as an owned task: a caller that gives up never cuts a
     /// registration between the provider's rotation and the store write.
     pub async fn register(
         self: &Arc<Self>,
         request: Registration,
+        authorize: RegisterCheck,
     ) -> Result<(SessionInfo, bool), BrokerError> {
         let this = self.clone();
         self.tracker
-            .spawn(async move { this.register_owned(request).await })
+            .spawn(async move { this.register_owned(request, authorize).await })
             .await
             .unwrap_or(Err(BrokerError::ShuttingDown))
     }
@@ -265,6 +289,7 @@ impl Broker {
     async fn register_owned(
         &self,
         request: Registration,
+        authorize: RegisterCheck,
     ) -> Result<(SessionInfo, bool), BrokerError> {
         let provider = self
             .providers
@@ -284,6 +309,18 @@ impl Broker {
 
         let fingerprint = request.refresh_token.fingerprint();
         let existing = self.registry.get(&id);
+        // Checked under the reservation: nothing can register or replace
+        // this id between the check and the write.
+        match &existing {
+            None => authorize(&id, ExistingOwner::New)?,
+            Some(session) => {
+                let owner = session.lock().owner.clone();
+                match owner.as_deref() {
+                    Some(owner) => authorize(&id, ExistingOwner::Owned(owner))?,
+                    None => authorize(&id, ExistingOwner::Unowned)?,
+                }
+            }
+        }
         if let Some(session) = &existing {
             let inner = session.lock();
             if inner.registered_fingerprint == fingerprint {
@@ -304,7 +341,14 @@ impl Broker {
             .map(|entry| entry.value().clone());
         if let Some(other) = other.filter(|other| *other != id) {
             return match (&request.session_id, self.registry.get(&other)) {
-                (None, Some(session)) => Ok((self.info(&session), false)),
+                (None, Some(session)) => {
+                    let owner = session.lock().owner.clone();
+                    match owner.as_deref() {
+                        Some(owner) => authorize(&other, ExistingOwner::Owned(owner))?,
+                        None => authorize(&other, ExistingOwner::Unowned)?,
+                    }
+                    Ok((self.info(&session), false))
+                }
                 _ => Err(BrokerError::SessionExists),
             };
         }

@@ -17,17 +17,37 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// Resolves on the next SIGHUP (never on platforms without it).
-pub async fn hangup() {
+/// SIGHUP deliveries, listened for from creation on (none lost in between).
+#[derive(Debug)]
+pub struct Hangups {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut hup) = signal(SignalKind::hangup()) {
-            hup.recv().await;
-            return;
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    /// Starts listening for SIGHUP.
+    pub fn new() -> Self {
+        Self {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
         }
     }
-    std::future::pending::<()>().await;
+
+    /// The next SIGHUP (never, where there is none).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.signal {
+            signal.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Default for Hangups {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

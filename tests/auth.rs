@@ -568,3 +568,141 @@ async fn without_authentication_watch_streams_are_bounded_per_connection() {
     t.get("fay", None, false).await.expect("still serving");
     t.stop().await;
 }
+
+#[tokio::test]
+async fn sessions_registered_without_authentication_cannot_be_taken_over() {
+    // Registered while the broker ran open: no owner recorded.
+    let mut t = TestBroker::new().start().await;
+    t.register("payments/old", "old").await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    t.restart_with(move |c| {
+        c.auth.insecure_no_auth = false;
+        c.auth.source = Some(IdentitySource::Xfcc);
+        c.auth.policy_file = Some(policy);
+    })
+    .await
+    .unwrap();
+    // A payments workload may register under payments/*, but the existing
+    // ownerless session is nobody's to replace.
+    let takeover = pb::RegisterSessionRequest {
+        session_id: "payments/old".into(),
+        refresh_token: t.idp().login("attacker").refresh_token,
+        replace: true,
+        ..Default::default()
+    };
+    assert_error(
+        t.client
+            .register_session(as_caller(takeover, "x-forwarded-client-cert", &xfcc(API)))
+            .await,
+        // A registering caller learns that the id is taken anyway.
+        Code::PermissionDenied,
+        "CALLER_NOT_ALLOWED",
+    );
+    // Only sessions it owns would do: nothing was presented to the IdP.
+    assert_eq!(
+        t.idp().stats().token_requests,
+        1,
+        "only the original registration"
+    );
+    let stats = t.idp().stats();
+    assert_eq!(stats.logins, 2, "{stats:?}");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_registration_in_progress_cannot_be_replaced_by_another_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    let mut t = xfcc_broker(policy).start().await;
+    // The victim's registration is slow at the IdP.
+    t.idp().push_fault(tokenbroker::devidp::Fault::once(
+        tokenbroker::devidp::FaultAction::Delay { ms: 400 },
+    ));
+    let victim = {
+        let mut client = t.client.clone();
+        let request = pb::RegisterSessionRequest {
+            session_id: "payments/new".into(),
+            refresh_token: t.idp().login("victim").refresh_token,
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            client
+                .register_session(as_caller(request, "x-forwarded-client-cert", &xfcc(API)))
+                .await
+        })
+    };
+    while t.idp().stats().token_requests < 1 {
+        tokio::task::yield_now().await;
+    }
+    let attack = pb::RegisterSessionRequest {
+        session_id: "payments/new".into(),
+        refresh_token: t.idp().login("attacker").refresh_token,
+        replace: true,
+        ..Default::default()
+    };
+    let attacked = t
+        .client
+        .register_session(as_caller(attack, "x-forwarded-client-cert", &xfcc(BATCH)))
+        .await;
+    assert!(victim.await.unwrap().is_ok(), "the victim registers");
+    assert_error(attacked, Code::PermissionDenied, "CALLER_NOT_ALLOWED");
+    t.client
+        .get_access_token(as_caller(
+            get("payments/new"),
+            "x-forwarded-client-cert",
+            &xfcc(API),
+        ))
+        .await
+        .expect("the victim's session is intact");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn revoking_access_ends_open_watch_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    let mut t = xfcc_broker(policy.clone()).start().await;
+    t.client
+        .register_session(as_caller(
+            pb::RegisterSessionRequest {
+                session_id: "payments/gus".into(),
+                refresh_token: t.idp().login("gus").refresh_token,
+                ..Default::default()
+            },
+            "x-forwarded-client-cert",
+            &xfcc(API),
+        ))
+        .await
+        .unwrap();
+    let mut stream = t
+        .client
+        .watch_token(as_caller(
+            pb::WatchTokenRequest {
+                session_id: "payments/gus".into(),
+            },
+            "x-forwarded-client-cert",
+            &xfcc(API),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream, 5 * SECOND).await,
+        Some(Event::Token(_))
+    ));
+    // The payments rule is withdrawn.
+    std::fs::write(&policy, "owner_only = true\n").unwrap();
+    t.broker.policy.as_ref().unwrap().reload().unwrap();
+    t.broker
+        .broker
+        .get_token("payments/gus", None, true)
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(5 * SECOND, stream.message())
+        .await
+        .expect("the stream reacts")
+        .expect_err("the stream ends instead of delivering the new token");
+    assert_eq!(ended.code(), Code::NotFound);
+    t.stop().await;
+}

@@ -11,6 +11,7 @@ use crate::auth::{
     CallerId, Decision, IdentitySource, Operation, PolicyHandle, caller_from_certificate,
     caller_from_l5d, caller_from_xfcc,
 };
+use crate::broker::ExistingOwner;
 use crate::error::BrokerError;
 
 /// The Envoy/Istio header with the caller's certificate details.
@@ -53,6 +54,10 @@ impl Drop for StreamSlot {
         }
     }
 }
+
+/// The owner of sessions registered without authentication, under
+/// `owner_only`: no caller identity can equal it (identities never hold NUL).
+const NOBODY: &str = "\u{0}nobody";
 
 /// The identity of one call (`None` without authentication).
 pub type Caller = Option<CallerId>;
@@ -129,6 +134,37 @@ impl Gate {
             Decision::NotFound => Err(BrokerError::SessionNotFound),
             Decision::PermissionDenied => Err(BrokerError::CallerNotAllowed {
                 operation: op_name(op),
+            }),
+        }
+    }
+
+    /// Whether `caller` may register (or replace) `session_id`, resolved
+    /// under the broker's reservation of the id. An existing session without
+    /// a recorded owner counts, under `owner_only`, as owned by nobody: only
+    /// `any_owner` rules may replace it.
+    pub fn check_register(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+        existing: ExistingOwner<'_>,
+    ) -> Result<(), BrokerError> {
+        let Some(caller) = caller else {
+            return Ok(());
+        };
+        let policy = self.policy.current();
+        let owner = match existing {
+            ExistingOwner::New => None,
+            ExistingOwner::Owned(owner) => Some(CallerId::new(owner)),
+            ExistingOwner::Unowned if policy.owner_only() => Some(CallerId::new(NOBODY)),
+            ExistingOwner::Unowned => None,
+        };
+        match policy.decide(caller, Operation::Register, session_id, owner.as_ref()) {
+            Decision::Allow => Ok(()),
+            Decision::NotFound if existing != ExistingOwner::New => {
+                Err(BrokerError::SessionNotFound)
+            }
+            _ => Err(BrokerError::CallerNotAllowed {
+                operation: op_name(Operation::Register),
             }),
         }
     }

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::auth::Operation;
-use crate::broker::{Broker, WatchEvent};
+use crate::broker::{Broker, RegisterCheck, WatchEvent};
 use crate::error::BrokerError;
 use crate::pb;
 use crate::pb::token_broker_server::{TokenBroker, TokenBrokerServer};
@@ -95,10 +95,18 @@ impl TokenBroker for TokenBrokerService {
             .session_id
             .as_ref()
             .map_or_else(String::new, |id| id.to_string());
-        self.authorize(&caller, Operation::Register, &id)?;
-        registration.owner = caller.map(|c| c.as_str().into());
+        registration.owner = caller.as_ref().map(|c| c.as_str().into());
+        // Authorized by the broker under its reservation of the id actually
+        // registered, so no concurrent registration can slip in between.
+        let gate = self.gate.clone();
+        let check: RegisterCheck =
+            Box::new(move |id, existing| gate.check_register(&caller, id.as_str(), existing));
         let span = tracing::info_span!("register_session", session_id = %id);
-        let (info, created) = self.broker.register(registration).instrument(span).await?;
+        let (info, created) = self
+            .broker
+            .register(registration, check)
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::RegisterSessionResponse {
             session: Some(convert::session(info)),
             created,
@@ -110,6 +118,7 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
         let caller = self.gate.caller(&request)?;
+        self.bounded(request.get_ref())?;
         let request = request.into_inner();
         // The hot path: validated and looked up as `&str`, no allocation.
         SessionId::check(&request.session_id)?;
@@ -131,20 +140,30 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
         let caller = self.gate.caller(&request)?;
+        self.bounded(request.get_ref())?;
         let slot = self.gate.open_stream(&caller, &request)?;
         let id = convert::session_id(&request.get_ref().session_id)?;
         self.authorize(&caller, Operation::Watch, id.as_str())?;
         let watch = self.broker.watch(&id)?;
         // The slot travels with the stream: released when the stream ends.
-        let stream = futures::stream::unfold(Some((watch, slot)), |state| async move {
-            let (mut watch, slot) = state?;
-            match watch.next().await? {
-                WatchEvent::ShuttingDown => {
-                    Some((Err(Status::from(BrokerError::ShuttingDown)), None))
+        // Every token is authorized again, so a policy reload that revokes
+        // the caller's access ends its open streams too.
+        let service = self.clone();
+        let stream = futures::stream::unfold(Some((watch, slot)), move |state| {
+            let service = service.clone();
+            let (caller, id) = (caller.clone(), id.clone());
+            async move {
+                let (mut watch, slot) = state?;
+                let event = watch.next().await?;
+                if let WatchEvent::ShuttingDown = event {
+                    return Some((Err(Status::from(BrokerError::ShuttingDown)), None));
                 }
-                event => {
-                    convert::watch_event(event).map(|message| (Ok(message), Some((watch, slot))))
+                if let WatchEvent::Token(_) = event
+                    && let Err(status) = service.authorize(&caller, Operation::Watch, id.as_str())
+                {
+                    return Some((Err(status), None));
                 }
+                convert::watch_event(event).map(|message| (Ok(message), Some((watch, slot))))
             }
         });
         Ok(Response::new(Box::pin(stream)))
@@ -155,6 +174,7 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
         let caller = self.gate.caller(&request)?;
+        self.bounded(request.get_ref())?;
         let id = convert::session_id(&request.into_inner().session_id)?;
         self.authorize(&caller, Operation::Inspect, id.as_str())?;
         let info = self.broker.inspect(&id)?;
@@ -188,6 +208,7 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let caller = self.gate.caller(&request)?;
+        self.bounded(request.get_ref())?;
         let id = convert::session_id(&request.into_inner().session_id)?;
         self.authorize(&caller, Operation::Delete, id.as_str())?;
         let logged_out_upstream = self.broker.delete(&id).await?;
