@@ -289,6 +289,7 @@ pub async fn run_client(command: Command) -> Result<(), ClientError> {
                 token.generation,
                 remaining(token.expires_at.as_ref())
             );
+            // Printing the access token is what `get` is for; nothing prints a refresh token.
             println!("{}", token.access_token);
             Ok(())
         }
