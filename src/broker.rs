@@ -453,6 +453,7 @@ impl Broker {
                     token: Some(token.clone()),
                     ended: None,
                     reauth_due_at: None,
+                    owner: request.owner.clone(),
                 },
             ));
             let record = refresh::record_of(&id, &session.lock(), Some(&token), None);
@@ -518,6 +519,7 @@ impl Broker {
                 token: Some(token.clone()),
                 ended: None,
                 reauth_due_at: None,
+                owner: current.owner.clone(),
             });
         }
         self.registered
@@ -673,7 +675,7 @@ impl Broker {
     /// The caller that registered a session: `None` if there is no such
     /// session, `Some(None)` if it has no recorded owner.
     pub fn owner_of(&self, id: &str) -> Option<Option<Arc<str>>> {
-        self.registry.get(id).map(|s| s.lock().owner.clone())
+        self.registry.get(id).map(|s| s.published().owner.clone())
     }
 
     /// A page of the sessions that `visible` admits (given id and owner),
@@ -990,6 +992,7 @@ fn session_from_record(record: StoredSession) -> Session {
         flights_started: 0,
         deleting: false,
     };
+    let owner = inner.owner.clone();
     Session::new(
         record.id,
         inner,
@@ -997,6 +1000,7 @@ fn session_from_record(record: StoredSession) -> Session {
             token: if ended.is_some() { None } else { token },
             ended,
             reauth_due_at: record.reauth_due_at,
+            owner,
         },
     )
 }

@@ -127,6 +127,9 @@ pub struct Published {
     pub ended: Option<EndReason>,
     /// Set when the refresh token's hard maximum is near: the user must log in again by then.
     pub reauth_due_at: Option<SystemTime>,
+    /// The caller that registered the session (mirrors the inner state, so
+    /// authorization on the hot path never takes the session's mutex).
+    pub owner: Option<Arc<str>>,
 }
 
 /// The mutable state of a session; locked only for short synchronous sections.
