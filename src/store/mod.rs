@@ -4,7 +4,8 @@
 //! [`SessionStore::update`] — a compare-and-swap on the generation — before the
 //! new access token is published (persist before use). Implementations:
 //! [`SqliteStore`] (the embedded default, tokens sealed by a [`seal::KeyRing`])
-//! and [`MemoryStore`] (tests and demos). PostgreSQL follows.
+//! [`MemoryStore`] (tests and demos), and [`PostgresStore`] (several replicas
+//! on one database, which also implements [`Coordinator`]).
 
 mod memory;
 pub mod seal;
@@ -128,6 +129,83 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
     async fn delete(&self, id: &SessionId) -> Result<bool, StoreError>;
 }
 
+/// What a claim on a session's refresh lease found (HA mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This replica holds the lease until it writes a new generation,
+    /// releases it, or lets it lapse: it alone may present the refresh token.
+    Granted,
+    /// Another replica holds the lease, for about this much longer.
+    Held {
+        /// Time left on the other replica's lease.
+        remaining: std::time::Duration,
+    },
+    /// The stored generation is not the one claimed at: another replica
+    /// refreshed, ended or replaced the session. Reload it.
+    Moved,
+    /// The session is no longer stored.
+    Gone,
+}
+
+/// A change another replica (or this one) made to the shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Inserted, refreshed, ended or replaced: stored now at `generation`.
+    Written {
+        /// Session id.
+        id: SessionId,
+        /// Stored generation.
+        generation: u64,
+    },
+    /// Deleted.
+    Deleted {
+        /// Session id.
+        id: SessionId,
+    },
+    /// A lease was released without a new generation (the refresh failed).
+    Released {
+        /// Session id.
+        id: SessionId,
+    },
+    /// The listening connection was lost: changes may be missed until it is back.
+    Lost,
+    /// The listening connection is back (or new): changes may have been
+    /// missed, so compare every session with the store.
+    Resync,
+}
+
+/// Cross-replica coordination of refreshes over a shared store (DESIGN §5):
+/// a lease per session, fenced by the generation, so that one replica at a
+/// time presents a session's refresh token; and a feed of changes, so that
+/// every replica serves the newest generation.
+///
+/// A store write ([`SessionStore::update`], a replacing insert) also ends
+/// the lease on that row: the new generation is the lease's outcome.
+#[async_trait]
+pub trait Coordinator: Send + Sync + std::fmt::Debug {
+    /// This replica's lease owner name (unique per process).
+    fn replica(&self) -> &str;
+    /// How long a lease lasts without renewal.
+    fn lease(&self) -> std::time::Duration;
+    /// Claims the lease of `id` at `generation` (free or lapsed leases only;
+    /// never blocks on a row another replica is claiming).
+    async fn claim(&self, id: &SessionId, generation: u64) -> Result<Claim, StoreError>;
+    /// Extends this replica's lease; `false` if it no longer holds it.
+    async fn renew(&self, id: &SessionId) -> Result<bool, StoreError>;
+    /// Ends this replica's lease without a new generation.
+    async fn release(&self, id: &SessionId) -> Result<(), StoreError>;
+    /// Every stored session's id and generation (to resync after missed changes).
+    async fn generations(&self) -> Result<Vec<(SessionId, u64)>, StoreError>;
+    /// Sends every change to `changes` until `shutdown`; reconnects when the
+    /// listening connection drops (sending [`Change::Lost`], then
+    /// [`Change::Resync`] once back). Starts with [`Change::Resync`].
+    async fn follow(
+        &self,
+        changes: tokio::sync::mpsc::Sender<Change>,
+        shutdown: tokio_util::sync::CancellationToken,
+    );
+}
+
 /// A store that reports whether its last write succeeded, for health: a
 /// backend failure flips it to unhealthy, the next success back.
 #[derive(Debug)]
@@ -148,6 +226,17 @@ impl Monitored {
     /// Follows the store's health.
     pub fn health(&self) -> tokio::sync::watch::Receiver<bool> {
         self.healthy.subscribe()
+    }
+
+    /// Reports the store's health from outside a write (e.g. a lost
+    /// listening connection).
+    pub fn report(&self, healthy: bool) {
+        self.observe(if healthy {
+            Ok(())
+        } else {
+            Err(StoreError::Backend("connection lost".into()))
+        })
+        .ok();
     }
 
     fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
