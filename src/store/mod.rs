@@ -8,6 +8,7 @@
 //! on one database, which also implements [`Coordinator`]).
 
 mod memory;
+mod row;
 pub mod seal;
 pub mod sqlite;
 
