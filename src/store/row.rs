@@ -147,6 +147,11 @@ impl Columns {
         }
     }
 
+    /// The session id.
+    pub(super) fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Binds every column, in the order of [`COLUMNS`].
     pub(super) fn bind<'q, DB>(
         self,
@@ -398,6 +403,35 @@ fn class_from_str(raw: &str) -> ErrorClass {
         "unreadable" => ErrorClass::Unreadable,
         "store" => ErrorClass::Store,
         _ => ErrorClass::Transient,
+    }
+}
+
+/// A session as the store tests write it: `access-of-<refresh>` as its
+/// access token, times now.
+#[cfg(test)]
+pub(crate) fn sample(id: &str, refresh: &str, generation: u64) -> StoredSession {
+    let now = SystemTime::now();
+    StoredSession {
+        id: SessionId::parse(id).unwrap(),
+        provider: "apiax".into(),
+        labels: [("team".to_string(), "a".to_string())].into(),
+        owner: Some("spiffe://test/ns/a/sa/b".into()),
+        refresh_token: RefreshToken::from(refresh),
+        registered_fingerprint: RefreshToken::from(refresh).fingerprint(),
+        access_token: Some(StoredAccessToken {
+            token: AccessToken::from(format!("access-of-{refresh}").as_str()),
+            expires_at: now + Duration::from_secs(1800),
+            issued_at: now,
+            scope: "profile".into(),
+        }),
+        refresh_expiry: RefreshExpiry::At(now + Duration::from_secs(3600)),
+        longest_refresh_lifetime_secs: Some(3600),
+        generation,
+        state: SessionState::Active,
+        last_error: None,
+        created_at: now,
+        last_refresh_at: Some(now),
+        reauth_due_at: None,
     }
 }
 

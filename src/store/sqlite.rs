@@ -374,41 +374,10 @@ pub fn path_of(raw: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
     use crate::oidc::RefreshExpiry;
-    use crate::secret::{AccessToken, RefreshToken};
-    use crate::session::SessionState;
-    use crate::store::StoredAccessToken;
-    use crate::store::row::to_ms;
+    use crate::store::row::{sample as session, to_ms};
     use crate::store::seal::KeyId;
-
-    fn session(id: &str, refresh: &str, generation: u64) -> StoredSession {
-        let now = SystemTime::now();
-        StoredSession {
-            id: SessionId::parse(id).unwrap(),
-            provider: "apiax".into(),
-            labels: [("team".to_string(), "a".to_string())].into(),
-            owner: Some("spiffe://test/ns/a/sa/b".into()),
-            refresh_token: RefreshToken::from(refresh),
-            registered_fingerprint: RefreshToken::from(refresh).fingerprint(),
-            access_token: Some(StoredAccessToken {
-                token: AccessToken::from(format!("access-of-{refresh}").as_str()),
-                expires_at: now + Duration::from_secs(1800),
-                issued_at: now,
-                scope: "profile".into(),
-            }),
-            refresh_expiry: RefreshExpiry::At(now + Duration::from_secs(3600)),
-            longest_refresh_lifetime_secs: Some(3600),
-            generation,
-            state: SessionState::Active,
-            last_error: None,
-            created_at: now,
-            last_refresh_at: Some(now),
-            reauth_due_at: None,
-        }
-    }
 
     async fn open(dir: &Path) -> SqliteStore {
         let keys = KeyRing::generate(KeyId::new("k1").unwrap());
