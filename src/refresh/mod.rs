@@ -511,6 +511,9 @@ impl Refresher {
                             Some(SystemTime::now() + remaining + Duration::from_secs(1));
                         return current_or_retry(session, StoreError::Conflict);
                     }
+                    if self.shared.shutdown.is_cancelled() {
+                        return Err(BrokerError::ShuttingDown);
+                    }
                     if waited > coordinator.lease() + Duration::from_secs(5) {
                         return Err(BrokerError::StoreUnavailable {
                             description: "another replica holds this session's refresh; retry"
