@@ -32,6 +32,7 @@ pub mod config;
 pub mod devidp;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod oidc;
 pub mod refresh;
 pub mod secret;
