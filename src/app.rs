@@ -47,7 +47,7 @@ pub enum AppError {
     },
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
-    Server(#[from] tonic::transport::Error),
+    Server(String),
     /// The SQLite store could not be opened (or the key does not open it).
     #[error(transparent)]
     Open(#[from] crate::store::sqlite::OpenError),
@@ -224,6 +224,10 @@ pub struct RunningBroker {
     tracker: TaskTracker,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
+    /// Where the admin HTTP endpoint (`/metrics`) listens, when configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// Where the plaintext health port listens, when configured.
+    pub health_addr: Option<SocketAddr>,
     /// The SQLite store, when configured (key rotation, closing).
     pub sqlite: Option<Arc<SqliteStore>>,
     /// The PostgreSQL store, when configured (key rotation, closing).
@@ -388,13 +392,39 @@ pub async fn start_with_parts(
         store_health,
         shutdown.clone(),
     ));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AppError::Server(format!("reflection: {e}")))?;
+    let metrics = crate::metrics::install();
+    let admin_addr = match (config.admin_listen, metrics) {
+        (Some(at), Some(metrics)) => {
+            Some(spawn_admin(at, metrics, broker.clone(), &tracker, shutdown.clone()).await?)
+        }
+        (Some(_), None) => {
+            warn!("admin_listen set, but another metrics recorder is installed: no /metrics");
+            None
+        }
+        (None, _) => None,
+    };
+    let health_addr = match config.health_listen {
+        Some(at) => {
+            Some(spawn_health_port(at, health_service.clone(), &tracker, shutdown.clone()).await?)
+        }
+        None => None,
+    };
     let mut builder = tonic::transport::Server::builder()
-        .max_concurrent_streams(config.auth.max_streams_per_connection);
+        .max_concurrent_streams(config.auth.max_streams_per_connection)
+        .layer(crate::grpc::observe::RpcMetricsLayer);
     if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| AppError::Server(e.to_string()))?;
     }
     let server = builder
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
@@ -409,6 +439,8 @@ pub async fn start_with_parts(
         tracker,
         server,
         grace: Duration::from_secs(config.shutdown_grace_secs),
+        admin_addr,
+        health_addr,
         sqlite: None,
         postgres: None,
         key_file: None,
@@ -470,6 +502,89 @@ async fn follow_changes(
     }
 }
 
+/// Serves `/metrics` on `at` until shutdown; returns the bound address.
+async fn spawn_admin(
+    at: SocketAddr,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    broker: Arc<Broker>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, AppError> {
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(|source| AppError::Bind { addr: at, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr: at, source })?;
+    let render = move || {
+        broker.record_gauges();
+        metrics.render()
+    };
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    tracker.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            warn!(%error, "admin endpoint failed");
+        }
+    });
+    info!(%addr, "admin endpoint (/metrics) listening");
+    Ok(addr)
+}
+
+/// Serves only `grpc.health.v1`, in plaintext, on `at` until shutdown (for
+/// kubelet's gRPC probes when the main port requires client certificates).
+async fn spawn_health_port<S>(
+    at: SocketAddr,
+    health: S,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, AppError>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(|source| AppError::Bind { addr: at, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr: at, source })?;
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned());
+    tracker.spawn(async move {
+        if let Err(error) = server.await {
+            warn!(%error, "health port failed");
+        }
+    });
+    info!(%addr, "plaintext health port listening");
+    Ok(addr)
+}
+
 /// The TLS settings of the gRPC port, read from their files.
 fn server_tls(
     tls: &crate::config::TlsConfig,
@@ -509,6 +624,7 @@ async fn report_health(
     use tonic_health::ServingStatus;
     loop {
         let healthy = *store_health.borrow_and_update();
+        metrics::gauge!(crate::metrics::STORE_UP).set(if healthy { 1.0 } else { 0.0 });
         let status = if healthy {
             ServingStatus::Serving
         } else {
@@ -581,7 +697,7 @@ impl RunningBroker {
         info!("shutting down");
         self.shutdown.cancel();
         let served = match tokio::time::timeout(self.grace, self.server).await {
-            Ok(Ok(result)) => result.map_err(AppError::from),
+            Ok(Ok(result)) => result.map_err(|e| AppError::Server(e.to_string())),
             Ok(Err(join)) => {
                 warn!(error = %join, "gRPC server task failed");
                 Ok(())

@@ -223,6 +223,22 @@ impl Broker {
         self.registry.len()
     }
 
+    /// Sets the gauges that describe the whole broker (at scrape time):
+    /// sessions by state and the refresh queue's depth.
+    pub fn record_gauges(&self) {
+        let (mut active, mut ended) = (0usize, 0usize);
+        self.registry.for_each(|session| {
+            if session.published().ended.is_some() {
+                ended += 1;
+            } else {
+                active += 1;
+            }
+        });
+        metrics::gauge!(crate::metrics::SESSIONS, "state" => "active").set(active as f64);
+        metrics::gauge!(crate::metrics::SESSIONS, "state" => "reauth_required").set(ended as f64);
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.refresher.queue_depth() as f64);
+    }
+
     /// Brings stored sessions back into memory and plans their refreshes.
     /// Access tokens still valid are kept (no refresh until due); sessions
     /// in `REAUTH_REQUIRED` stay for inspection. Refreshes that fell due

@@ -70,6 +70,11 @@ pub enum LogFormat {
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Admin HTTP address (`/metrics`); off when unset.
+    pub admin_listen: Option<SocketAddr>,
+    /// A plaintext gRPC port serving only `grpc.health.v1` (for kubelet's
+    /// gRPC probes when the main port uses mTLS); off when unset.
+    pub health_listen: Option<SocketAddr>,
     /// Provider used when a registration names none.
     pub default_provider: String,
     /// Identity providers by name.
@@ -277,6 +282,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: None,
+            health_listen: None,
             default_provider: "apiax".into(),
             providers: BTreeMap::from([("apiax".to_string(), ProviderConfig::default())]),
             refresh: RefreshConfig::default(),

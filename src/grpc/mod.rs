@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod gate;
+pub mod observe;
 pub mod status;
 
 use std::pin::Pin;
@@ -83,6 +84,23 @@ impl TokenBrokerService {
     }
 }
 
+/// Counts an open watch stream in the gauge while it lives.
+#[derive(Debug)]
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> Self {
+        ::metrics::gauge!(crate::metrics::WATCH_STREAMS).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        ::metrics::gauge!(crate::metrics::WATCH_STREAMS).decrement(1.0);
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTokenResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -133,6 +151,11 @@ impl TokenBroker for TokenBrokerService {
             .broker
             .get_token(&request.session_id, min_ttl, request.force_refresh)
             .await?;
+        let remaining = token
+            .expires_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        ::metrics::histogram!(crate::metrics::TOKEN_REMAINING).record(remaining.as_secs_f64());
         Ok(Response::new(pb::GetAccessTokenResponse {
             token: Some(convert::access_token(&token)),
         }))
@@ -151,6 +174,7 @@ impl TokenBroker for TokenBrokerService {
         self.broker.ensure_loaded(id.as_str()).await?;
         self.authorize(&caller, Operation::Watch, id.as_str())?;
         let watch = self.broker.watch(&id)?;
+        let slot = (slot, OpenStream::new());
         // The slot travels with the stream: released when the stream ends.
         // Every token is authorized again, so a policy reload that revokes
         // the caller's access ends its open streams too.

@@ -288,6 +288,11 @@ impl Refresher {
         }
     }
 
+    /// Sessions planned in the timer queue.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.scheduler.depth()
+    }
+
     /// The coordinator of replicas, in HA mode.
     pub fn coordinator(&self) -> Option<&Arc<dyn Coordinator>> {
         self.shared.coordinator.as_ref()
@@ -477,23 +482,36 @@ impl Refresher {
         }
         let mut waited = Duration::ZERO;
         let (permit, leased) = loop {
+            let budget_started = tokio::time::Instant::now();
             let permit = provider
                 .budget
                 .acquire_escalating(trigger.priority(), escalation)
-                .await
-                .map_err(|_| BrokerError::RateLimited {
-                    description: format!("refresh budget of provider {} exhausted", provider.name),
-                    retry_after: Duration::from_secs(1),
-                })?;
+                .await;
+            metrics::histogram!(
+                crate::metrics::BUDGET_WAIT,
+                "provider" => provider.name.to_string(),
+                "priority" => if trigger.priority() == Priority::Urgent { "urgent" } else { "background" },
+            )
+            .record(budget_started.elapsed().as_secs_f64());
+            let permit = permit.map_err(|_| BrokerError::RateLimited {
+                description: format!("refresh budget of provider {} exhausted", provider.name),
+                retry_after: Duration::from_secs(1),
+            })?;
             let Some(coordinator) = &self.shared.coordinator else {
                 break (permit, None);
             };
-            let claim = coordinator
-                .claim(session.id(), generation)
-                .await
-                .map_err(|e| BrokerError::StoreUnavailable {
-                    description: format!("cannot claim the refresh lease: {e}"),
-                })?;
+            let claim = coordinator.claim(session.id(), generation).await;
+            let claimed = match &claim {
+                Ok(Claim::Granted) => "granted",
+                Ok(Claim::Held { .. }) => "held",
+                Ok(Claim::Moved) => "moved",
+                Ok(Claim::Gone) => "gone",
+                Err(_) => "error",
+            };
+            metrics::counter!(crate::metrics::LEASE_CLAIMS, "outcome" => claimed).increment(1);
+            let claim = claim.map_err(|e| BrokerError::StoreUnavailable {
+                description: format!("cannot claim the refresh lease: {e}"),
+            })?;
             match claim {
                 Claim::Granted => break (permit, Some(coordinator)),
                 Claim::Moved | Claim::Gone => {
@@ -532,6 +550,7 @@ impl Refresher {
             }
         };
         debug!(provider = %provider.name, "refreshing");
+        let upstream_started = tokio::time::Instant::now();
         let outcome = match leased {
             Some(coordinator) => {
                 renewing(
@@ -544,10 +563,38 @@ impl Refresher {
             None => present(&provider.client, &refresh_token).await,
         };
         drop(permit);
+        let answered = match &outcome {
+            Ok(_) => "ok",
+            Err(error) => match error_class(error) {
+                ErrorClass::RejectedSession => "rejected",
+                ErrorClass::RejectedConfig => "rejected_config",
+                ErrorClass::Unreadable => "unreadable",
+                _ => "transient",
+            },
+        };
+        metrics::histogram!(
+            crate::metrics::UPSTREAM_SECONDS,
+            "provider" => provider.name.to_string(),
+            "outcome" => answered,
+        )
+        .record(upstream_started.elapsed().as_secs_f64());
+        metrics::gauge!(crate::metrics::PROVIDER_UP, "provider" => provider.name.to_string())
+            .set(if answered == "transient" { 0.0 } else { 1.0 });
         let result = match outcome {
             Ok(grant) => self.commit(session, grant, generation).await,
             Err(error) => self.fail(session, &provider, error, generation).await,
         };
+        let counted = match (answered, &result) {
+            ("ok", Err(BrokerError::StoreUnavailable { .. })) => "store_failed",
+            (answered, _) => answered,
+        };
+        metrics::counter!(
+            crate::metrics::REFRESHES,
+            "provider" => provider.name.to_string(),
+            "trigger" => trigger.as_str(),
+            "outcome" => counted,
+        )
+        .increment(1);
         if let Some(coordinator) = leased
             && result.is_err()
             && session.lock().pending.is_none()
