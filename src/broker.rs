@@ -21,6 +21,7 @@ use crate::session::{
     SessionId, SessionInner, SessionState,
 };
 use crate::store::{Change, InsertMode, SessionStore, StoreError, StoredSession};
+use crate::telemetry::TraceContext;
 
 /// Broker-wide settings of the use cases.
 #[derive(Debug, Clone)]
@@ -70,6 +71,8 @@ pub struct Registration {
     pub replace: bool,
     /// The authenticated caller registering it (its owner), if any.
     pub owner: Option<Arc<str>>,
+    /// The caller's trace context, sent on the registration's refresh.
+    pub trace: Option<TraceContext>,
 }
 
 /// Session metadata (never a token).
@@ -414,7 +417,7 @@ impl Broker {
             }
             (None, None) => {
                 let grant = self
-                    .first_refresh(&provider, &request.refresh_token)
+                    .first_refresh(&provider, &request.refresh_token, request.trace)
                     .await?;
                 from_grant(grant, request.refresh_token)
             }
@@ -581,6 +584,7 @@ impl Broker {
         &self,
         provider: &refresh::Provider,
         refresh_token: &RefreshToken,
+        trace: Option<TraceContext>,
     ) -> Result<oidc::TokenGrant, BrokerError> {
         let _permit = provider
             .budget
@@ -590,7 +594,7 @@ impl Broker {
                 description: format!("refresh budget of provider {} exhausted", provider.name),
                 retry_after: Duration::from_secs(1),
             })?;
-        refresh::present(&provider.client, refresh_token)
+        refresh::present(&provider.client, refresh_token, trace.as_ref())
             .await
             .map_err(|error| registration_error(&provider.name, error))
     }
@@ -773,6 +777,7 @@ impl Broker {
         id: &str,
         min_ttl: Option<Duration>,
         force: bool,
+        trace: Option<TraceContext>,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
         let now = SystemTime::now();
@@ -785,7 +790,7 @@ impl Broker {
             let seen = published.token.as_ref().map_or(0, |t| t.generation);
             return self
                 .refresher
-                .refresh(&session, Trigger::Forced, Some(seen))
+                .refresh(&session, Trigger::Forced, Some(seen), trace)
                 .await;
         }
         let min_ttl = min_ttl.unwrap_or(self.settings.default_min_ttl);
@@ -798,7 +803,7 @@ impl Broker {
         // provider grants less than `min_ttl`.
         let token = self
             .refresher
-            .refresh(&session, Trigger::OnDemand, None)
+            .refresh(&session, Trigger::OnDemand, None, trace)
             .await?;
         if token.expires_at <= SystemTime::now() {
             return Err(BrokerError::ProviderUnavailable {

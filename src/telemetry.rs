@@ -72,3 +72,128 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// A W3C trace context (`traceparent`): taken from an incoming gRPC call's
+/// metadata, or started here, and sent on the upstream token request as a
+/// child, so the IdP's traces join the caller's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    flags: u8,
+}
+
+impl TraceContext {
+    /// Parses a `traceparent` value (version 00 and the forward-compatible
+    /// form of later versions); `None` when it is not one (an invalid value
+    /// is ignored, as the spec asks).
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let version = parts.next()?;
+        let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
+        if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+            return None;
+        }
+        let trace_id: [u8; 16] = hex(trace)?.try_into().ok()?;
+        let span_id: [u8; 8] = hex(span)?.try_into().ok()?;
+        let [flags]: [u8; 1] = hex(flags)?.try_into().ok()?;
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    /// A new trace (for work no caller asked for), sampled.
+    pub fn root() -> Self {
+        Self {
+            trace_id: rand::random::<u128>().max(1).to_be_bytes(),
+            span_id: rand::random::<u64>().max(1).to_be_bytes(),
+            flags: 1,
+        }
+    }
+
+    /// A child span of this one: same trace, new span id.
+    pub fn child(&self) -> Self {
+        Self {
+            span_id: rand::random::<u64>().max(1).to_be_bytes(),
+            ..*self
+        }
+    }
+
+    /// The trace id as 32 lowercase hex digits (for logs).
+    pub fn trace_id(&self) -> String {
+        to_hex(&self.trace_id)
+    }
+
+    /// The `traceparent` header value.
+    pub fn header(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            to_hex(&self.trace_id),
+            to_hex(&self.span_id),
+            self.flags
+        )
+    }
+}
+
+fn hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2)
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trip_and_children() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parent = TraceContext::parse(value).unwrap();
+        assert_eq!(parent.header(), value);
+        assert_eq!(parent.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let child = parent.child();
+        assert_eq!(child.trace_id(), parent.trace_id());
+        assert_ne!(child.header(), parent.header());
+        assert!(child.header().ends_with("-01"));
+        let root = TraceContext::root();
+        assert_eq!(TraceContext::parse(&root.header()), Some(root));
+    }
+
+    #[test]
+    fn invalid_traceparents_are_ignored() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-xyz-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
+        }
+        // A later version may append fields.
+        assert!(
+            TraceContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra")
+                .is_some()
+        );
+    }
+}

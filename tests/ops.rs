@@ -184,3 +184,43 @@ async fn plaintext_health_port_follows_the_broker() {
     assert_eq!(unimplemented.code(), tonic::Code::Unimplemented);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn the_callers_trace_context_reaches_the_idp() {
+    let mut t = TestBroker::new().start().await;
+    t.register("traced", "alice").await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut request = tonic::Request::new(pb::GetAccessTokenRequest {
+        session_id: "traced".into(),
+        min_ttl: None,
+        force_refresh: true,
+    });
+    request
+        .metadata_mut()
+        .insert("traceparent", parent.parse().unwrap());
+    t.client.get_access_token(request).await.unwrap();
+    let seen = t.idp().traceparents();
+    let last = seen.last().expect("the refresh carried a traceparent");
+    assert!(
+        last.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "same trace: {last}"
+    );
+    assert_ne!(last, parent, "a child span, not the caller's span");
+    assert!(last.ends_with("-01"), "sampling flag kept: {last}");
+
+    // Without one (or with an invalid one), the refresh starts its own trace.
+    let mut request = tonic::Request::new(pb::GetAccessTokenRequest {
+        session_id: "traced".into(),
+        min_ttl: None,
+        force_refresh: true,
+    });
+    request
+        .metadata_mut()
+        .insert("traceparent", "garbage".parse().unwrap());
+    t.client.get_access_token(request).await.unwrap();
+    let seen = t.idp().traceparents();
+    let own = seen.last().unwrap();
+    assert_eq!(own.len(), 55, "{own}");
+    assert!(!own.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{own}");
+    t.stop().await;
+}

@@ -51,6 +51,7 @@ use crate::session::{
 use crate::store::{
     Claim, Coordinator, SessionStore, StoreError, StoredAccessToken, StoredSession,
 };
+use crate::telemetry::TraceContext;
 
 /// The result every caller of one refresh shares.
 pub type FlightResult = Result<Arc<IssuedToken>, BrokerError>;
@@ -171,15 +172,18 @@ impl Trigger {
 pub async fn present(
     client: &TokenClient,
     refresh_token: &RefreshToken,
+    trace: Option<&TraceContext>,
 ) -> Result<TokenGrant, RefreshError> {
-    match client.refresh(refresh_token).await {
+    let child = trace.map(TraceContext::child);
+    match client.refresh_traced(refresh_token, child.as_ref()).await {
         Err(error) if error.outcome_unknown() => {
             warn!(
                 provider = %client.endpoint().provider,
                 %error,
                 "refresh outcome unknown; presenting the stored refresh token once more"
             );
-            client.refresh(refresh_token).await
+            let child = trace.map(TraceContext::child);
+            client.refresh_traced(refresh_token, child.as_ref()).await
         }
         outcome => outcome,
     }
@@ -325,8 +329,9 @@ impl Refresher {
         session: &Arc<Session>,
         trigger: Trigger,
         seen_generation: Option<u64>,
+        trace: Option<TraceContext>,
     ) -> FlightResult {
-        match self.start_or_join(session, trigger, seen_generation) {
+        match self.start_or_join(session, trigger, seen_generation, trace) {
             Ok(flight) => flight.wait().await,
             Err(done) => done,
         }
@@ -334,7 +339,7 @@ impl Refresher {
 
     /// Starts a refresh if none is in flight, without waiting for it.
     pub fn kick(&self, session: &Arc<Session>, trigger: Trigger) {
-        let _ = self.start_or_join(session, trigger, None);
+        let _ = self.start_or_join(session, trigger, None, None);
     }
 
     /// The flight to wait for, or the answer right away.
@@ -343,6 +348,7 @@ impl Refresher {
         session: &Arc<Session>,
         trigger: Trigger,
         seen_generation: Option<u64>,
+        trace: Option<TraceContext>,
     ) -> Result<Flight, FlightResult> {
         let now = SystemTime::now();
         let inner = session.lock();
@@ -374,7 +380,7 @@ impl Refresher {
         if self.shared.shutdown.is_cancelled() {
             return Err(Err(BrokerError::ShuttingDown));
         }
-        Ok(self.launch(session, inner, trigger))
+        Ok(self.launch(session, inner, trigger, trace))
     }
 
     /// Starts a flight while the caller holds the session's lock, so that
@@ -384,19 +390,30 @@ impl Refresher {
         session: &Arc<Session>,
         mut inner: std::sync::MutexGuard<'_, SessionInner>,
         trigger: Trigger,
+        trace: Option<TraceContext>,
     ) -> Flight {
         inner.flights_started += 1;
         let (flight, tx) = Flight::new(inner.flights_started);
         inner.flight = Some(flight.clone());
+        let provider = inner.provider.clone();
         drop(inner);
 
         let this = self.clone();
         let session = session.clone();
         let escalation = flight.escalation.clone();
-        let span = info_span!("refresh", session_id = %session.id(), trigger = trigger.as_str(), seq = flight.seq);
+        // Work no caller asked for starts its own trace.
+        let trace = trace.unwrap_or_else(TraceContext::root);
+        let span = info_span!(
+            "refresh",
+            session_id = %session.id(),
+            %provider,
+            trigger = trigger.as_str(),
+            seq = flight.seq,
+            trace_id = %trace.trace_id(),
+        );
         self.shared.tracker.spawn(
             async move {
-                let result = this.execute(&session, trigger, &escalation).await;
+                let result = this.execute(&session, trigger, &escalation, &trace).await;
                 {
                     let mut inner = session.lock();
                     inner.flight = None;
@@ -452,6 +469,7 @@ impl Refresher {
         session: &Arc<Session>,
         trigger: Trigger,
         escalation: &Escalation,
+        trace: &TraceContext,
     ) -> FlightResult {
         if let Some(token) = self.retry_pending_commit(session).await? {
             return Ok(token);
@@ -556,11 +574,11 @@ impl Refresher {
                 renewing(
                     coordinator.as_ref(),
                     session.id(),
-                    present(&provider.client, &refresh_token),
+                    present(&provider.client, &refresh_token, Some(trace)),
                 )
                 .await
             }
-            None => present(&provider.client, &refresh_token).await,
+            None => present(&provider.client, &refresh_token, Some(trace)).await,
         };
         drop(permit);
         let answered = match &outcome {
@@ -1090,7 +1108,7 @@ impl Refresher {
             }
         };
         if inner.state == SessionState::Active {
-            self.launch(&session, inner, trigger);
+            self.launch(&session, inner, trigger, None);
         }
     }
 }
