@@ -224,6 +224,8 @@ pub struct RunningBroker {
     tracker: TaskTracker,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
+    draining: CancellationToken,
+    drain_delay: Duration,
     /// Where the admin HTTP endpoint (`/metrics`) listens, when configured.
     pub admin_addr: Option<SocketAddr>,
     /// Where the plaintext health port listens, when configured.
@@ -387,9 +389,11 @@ pub async fn start_with_parts(
     let service =
         TokenBrokerService::new(broker.clone(), gate, config.max_message_bytes).into_server();
     let (health, health_service) = tonic_health::server::health_reporter();
+    let draining = CancellationToken::new();
     tracker.spawn(report_health(
         health.clone(),
         store_health,
+        draining.clone(),
         shutdown.clone(),
     ));
     let reflection = tonic_reflection::server::Builder::configure()
@@ -439,6 +443,8 @@ pub async fn start_with_parts(
         tracker,
         server,
         grace: Duration::from_secs(config.shutdown_grace_secs),
+        draining,
+        drain_delay: Duration::from_secs(config.drain_delay_secs),
         admin_addr,
         health_addr,
         sqlite: None,
@@ -615,10 +621,11 @@ fn server_tls(
 pub const HEALTH_SERVICE: &str = "tokenbroker.v1.TokenBroker";
 
 /// SERVING while the store accepts writes, NOT_SERVING when it fails and
-/// while draining. An IdP outage does not change it.
+/// from the start of a drain. An IdP outage does not change it.
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     mut store_health: tokio::sync::watch::Receiver<bool>,
+    draining: CancellationToken,
     shutdown: CancellationToken,
 ) {
     use tonic_health::ServingStatus;
@@ -638,6 +645,7 @@ async fn report_health(
         }
         tokio::select! {
             changed = store_health.changed() => if changed.is_err() { break },
+            () = draining.cancelled() => break,
             () = shutdown.cancelled() => break,
         }
     }
@@ -691,9 +699,22 @@ impl RunningBroker {
         self.shutdown.clone()
     }
 
-    /// Stops accepting, ends watch streams, lets refreshes in flight land
-    /// (within the grace period), then returns.
+    /// Drains: health NOT_SERVING at once, then (after `drain_delay_secs`,
+    /// still serving meanwhile) stops accepting, ends watch streams with
+    /// UNAVAILABLE, lets refreshes in flight land (within the grace period;
+    /// each one's write or release ends its lease), then returns.
     pub async fn shutdown(self) -> Result<(), AppError> {
+        info!(
+            drain_delay_secs = self.drain_delay.as_secs(),
+            "draining: health NOT_SERVING"
+        );
+        self.draining.cancel();
+        if !self.drain_delay.is_zero() && !self.shutdown.is_cancelled() {
+            tokio::select! {
+                () = tokio::time::sleep(self.drain_delay) => {}
+                () = self.shutdown.cancelled() => {}
+            }
+        }
         info!("shutting down");
         self.shutdown.cancel();
         let served = match tokio::time::timeout(self.grace, self.server).await {
@@ -752,7 +773,8 @@ async fn serve_until(running: &RunningBroker, signal: impl Future<Output = ()>) 
                 {
                     info!("SIGHUP: access policy reloaded");
                 }
-                if running.key_file.is_some() && running.sqlite.is_some()
+                if running.key_file.is_some()
+                    && (running.sqlite.is_some() || running.postgres.is_some())
                     && let Err(error) = running.reload_keys().await
                 {
                     warn!(%error, "SIGHUP: key ring not reloaded");

@@ -99,6 +99,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Seconds that in-flight work gets to finish on shutdown.
     pub shutdown_grace_secs: u64,
+    /// Seconds between turning health NOT_SERVING and closing the port on
+    /// shutdown, so that load balancers stop sending calls first.
+    pub drain_delay_secs: u64,
     /// Serve gRPC over TLS (required for `auth.source = "mtls"`).
     pub tls: Option<TlsConfig>,
     /// Caller authentication and authorization.
@@ -295,6 +298,7 @@ impl Default for Config {
             max_token_bytes: 16 * 1024,
             log_format: LogFormat::Text,
             shutdown_grace_secs: 20,
+            drain_delay_secs: 0,
             tls: None,
             auth: AuthConfig::default(),
             postgres: PostgresConfig::default(),
