@@ -61,8 +61,9 @@ pub struct ServeArgs {
     /// Client id of the default provider.
     #[arg(long)]
     pub client_id: Option<String>,
-    /// Session store: sqlite, memory, or a PostgreSQL URL
-    /// (postgres://…, several replicas on one database) [default: sqlite].
+    /// Session store: sqlite, memory, postgres (URL from `postgres.url`), or a
+    /// PostgreSQL URL (postgres://…, which also sets `postgres.url`); several
+    /// replicas share one database [default: sqlite].
     #[arg(long, value_parser = parse_store)]
     pub store: Option<StoreArg>,
     /// Data directory of the SQLite store [default: ./data].

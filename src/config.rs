@@ -118,7 +118,8 @@ pub struct PostgresConfig {
     /// (best from `TOKENBROKER_POSTGRES__URL`: it may hold a password).
     /// Never printed.
     pub url: Option<String>,
-    /// Connections in this replica's pool (one more listens for changes).
+    /// Connections in this replica's pool, counting the one the claim batcher
+    /// keeps and the one that listens for changes; below 3 counts as 3.
     pub max_connections: u32,
     /// Seconds a replica's refresh lease on a session lasts without renewal.
     /// Must outlast two upstream requests (a presentation and its one retry).
