@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use crate::auth::{IdentitySource, Policy, PolicyHandle};
 use crate::broker::{Broker, BrokerSettings};
@@ -22,8 +22,11 @@ use crate::grpc::gate::Gate;
 use crate::oidc::TokenClient;
 use crate::refresh::{Budget, Provider, Providers, Refresher, scheduler_channel};
 use crate::session::Registry;
+use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::seal::KeyRing;
-use crate::store::{MemoryStore, Monitored, SessionStore, SqliteStore, StoreError};
+use crate::store::{
+    Change, Coordinator, MemoryStore, Monitored, SessionStore, SqliteStore, StoreError,
+};
 
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,9 @@ pub enum AppError {
     /// The SQLite store could not be opened (or the key does not open it).
     #[error(transparent)]
     Open(#[from] crate::store::sqlite::OpenError),
+    /// The PostgreSQL store could not be opened (or the key does not open it).
+    #[error("{0}")]
+    OpenShared(String),
     /// The key ring could not be loaded.
     #[error("encryption keys: {0}")]
     Keys(String),
@@ -72,6 +78,18 @@ pub struct OpenedStore {
     pub store: Arc<dyn SessionStore>,
     /// The SQLite store, when configured.
     pub sqlite: Option<Arc<SqliteStore>>,
+    /// The PostgreSQL store, when configured (HA).
+    pub postgres: Option<Arc<PostgresStore>>,
+}
+
+impl OpenedStore {
+    fn plain(store: Arc<dyn SessionStore>) -> Self {
+        Self {
+            store,
+            sqlite: None,
+            postgres: None,
+        }
+    }
 }
 
 /// Opens the configured store: the SQLite file in `data_dir` (created with
@@ -80,10 +98,7 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, AppError> {
     match config.store {
         StoreKind::Memory => {
             warn!("memory store: every session is lost when the process exits");
-            Ok(OpenedStore {
-                store: Arc::new(MemoryStore::new()),
-                sqlite: None,
-            })
+            Ok(OpenedStore::plain(Arc::new(MemoryStore::new())))
         }
         StoreKind::Sqlite => {
             let dir = &config.data_dir;
@@ -95,6 +110,43 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, AppError> {
             Ok(OpenedStore {
                 store: sqlite.clone(),
                 sqlite: Some(sqlite),
+                postgres: None,
+            })
+        }
+        StoreKind::Postgres => {
+            let keys = match (&config.keys, &config.key_file) {
+                (Some(text), _) => {
+                    KeyRing::parse(text).map_err(|e| AppError::Keys(format!("`keys`: {e}")))?
+                }
+                (None, Some(path)) => KeyRing::load_file(path)
+                    .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())))?,
+                (None, None) => {
+                    return Err(AppError::Keys(
+                        "store = \"postgres\" needs key_file or TOKENBROKER_KEYS".into(),
+                    ));
+                }
+            };
+            let pg = &config.postgres;
+            let url = pg.url.as_deref().unwrap_or_default();
+            let options = PostgresOptions {
+                max_connections: pg.max_connections,
+                lease: Duration::from_secs(pg.lease_secs),
+                connect_timeout: Duration::from_millis(pg.connect_timeout_ms),
+            };
+            let postgres = Arc::new(
+                PostgresStore::open(url, keys, options)
+                    .await
+                    .map_err(|e| AppError::OpenShared(e.to_string()))?,
+            );
+            info!(
+                replica = postgres.replica(),
+                lease_secs = pg.lease_secs,
+                "shared PostgreSQL session store open (HA mode)"
+            );
+            Ok(OpenedStore {
+                store: postgres.clone(),
+                sqlite: None,
+                postgres: Some(postgres),
             })
         }
     }
@@ -174,6 +226,8 @@ pub struct RunningBroker {
     grace: Duration,
     /// The SQLite store, when configured (key rotation, closing).
     pub sqlite: Option<Arc<SqliteStore>>,
+    /// The PostgreSQL store, when configured (key rotation, closing).
+    pub postgres: Option<Arc<PostgresStore>>,
     key_file: Option<std::path::PathBuf>,
     /// The access policy, when a policy file is in force.
     pub policy: Option<PolicyHandle>,
@@ -239,8 +293,10 @@ pub fn providers(config: &Config) -> Result<Providers, ConfigError> {
 pub async fn start(config: &Config) -> Result<RunningBroker, AppError> {
     config.validate()?;
     let opened = open_store(config).await?;
-    let mut running = start_with_store(config, opened.store).await?;
+    let coordinator = opened.postgres.clone().map(|pg| pg as Arc<dyn Coordinator>);
+    let mut running = start_with_parts(config, opened.store, coordinator).await?;
     running.sqlite = opened.sqlite;
+    running.postgres = opened.postgres;
     running.key_file = key_file_of(config);
     Ok(running)
 }
@@ -250,15 +306,25 @@ pub async fn start_with_store(
     config: &Config,
     store: Arc<dyn SessionStore>,
 ) -> Result<RunningBroker, AppError> {
+    start_with_parts(config, store, None).await
+}
+
+/// Like [`start_with_store`], coordinated with other replicas through
+/// `coordinator` (HA mode) when there is one.
+pub async fn start_with_parts(
+    config: &Config,
+    store: Arc<dyn SessionStore>,
+    coordinator: Option<Arc<dyn Coordinator>>,
+) -> Result<RunningBroker, AppError> {
     config.validate()?;
     // Everything read from files comes before any port is bound.
     let providers = providers(config)?;
     let (gate, policy) = gate(config)?;
     let tls = config.tls.as_ref().map(server_tls).transpose()?;
-    let store = Arc::new(Monitored::new(store));
-    let store_health = store.health();
-    let stored = store.load_all().await?;
-    let store: Arc<dyn SessionStore> = store;
+    let monitored = Arc::new(Monitored::new(store));
+    let store_health = monitored.health();
+    let stored = monitored.load_all().await?;
+    let store: Arc<dyn SessionStore> = monitored.clone();
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -272,6 +338,7 @@ pub async fn start_with_store(
         tracker.clone(),
         scheduler,
         shutdown.clone(),
+        coordinator.clone(),
     );
     refresher.spawn_scheduler(scheduler_task);
     let broker = Arc::new(Broker::new(
@@ -287,6 +354,15 @@ pub async fn start_with_store(
         shutdown.clone(),
     ));
     let (restored, overdue) = broker.restore(stored);
+    if let Some(coordinator) = coordinator {
+        let (changes, received) = tokio::sync::mpsc::channel(1024);
+        let following = shutdown.clone();
+        tracker.spawn(
+            async move { coordinator.follow(changes, following).await }
+                .instrument(tracing::info_span!("store_listener")),
+        );
+        tracker.spawn(follow_changes(broker.clone(), monitored.clone(), received));
+    }
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -334,9 +410,64 @@ pub async fn start_with_store(
         server,
         grace: Duration::from_secs(config.shutdown_grace_secs),
         sqlite: None,
+        postgres: None,
         key_file: None,
         policy,
     })
+}
+
+/// Applies the shared store's changes to this replica until the feed ends
+/// (at shutdown). A lost listening connection turns health NOT_SERVING until
+/// it is back and every session has been compared with the store; a change
+/// that cannot be applied (the database failing) is caught up the same way.
+async fn follow_changes(
+    broker: Arc<Broker>,
+    store: Arc<Monitored>,
+    mut changes: tokio::sync::mpsc::Receiver<Change>,
+) {
+    const RETRY: Duration = Duration::from_secs(1);
+    let mut resync_at: Option<tokio::time::Instant> = None;
+    loop {
+        let resync_due = async {
+            match resync_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            change = changes.recv() => {
+                let Some(change) = change else { break };
+                match change {
+                    Change::Lost => {
+                        warn!("lost the store's change feed: health NOT_SERVING until it is back");
+                        store.report(false);
+                        continue;
+                    }
+                    Change::Resync => {
+                        resync_at = None;
+                        let outcome = broker.resync().await;
+                        if outcome.is_ok() {
+                            store.report(true);
+                        }
+                        outcome
+                    }
+                    change => broker.apply_change(change).await,
+                }
+            }
+            () = resync_due => {
+                resync_at = None;
+                let outcome = broker.resync().await;
+                if outcome.is_ok() {
+                    store.report(true);
+                }
+                outcome
+            }
+        };
+        if let Err(error) = outcome {
+            warn!(%error, "cannot apply the shared store's changes; catching up shortly");
+            resync_at.get_or_insert(tokio::time::Instant::now() + RETRY);
+        }
+    }
 }
 
 /// The TLS settings of the gRPC port, read from their files.
@@ -406,17 +537,35 @@ impl RunningBroker {
     /// stored session not yet sealed under it, while serving. Returns how
     /// many sessions were re-sealed. Bound to SIGHUP by `serve`.
     pub async fn reload_keys(&self) -> Result<u64, AppError> {
-        let (Some(sqlite), Some(path)) = (&self.sqlite, &self.key_file) else {
+        let Some(path) = &self.key_file else {
             return Err(AppError::Keys(
-                "keys are inline (TOKENBROKER_KEYS) or the store is not SQLite: restart to change them"
+                "keys are inline (TOKENBROKER_KEYS) or the store keeps none: restart to change them"
                     .into(),
             ));
         };
         let keys = KeyRing::load_file(path)
             .map_err(|e| AppError::Keys(format!("{}: {e}", path.display())))?;
         let primary = keys.primary().clone();
-        sqlite.set_keys(keys).await?;
-        let resealed = sqlite.reseal(500).await?;
+        let resealed = match (&self.sqlite, &self.postgres) {
+            (Some(sqlite), _) => {
+                sqlite.set_keys(keys).await?;
+                sqlite.reseal(500).await?
+            }
+            (None, Some(postgres)) => {
+                // Every replica re-seals; a row another one re-sealed first
+                // is simply skipped (compare-and-swap on the generation).
+                postgres
+                    .set_keys(keys)
+                    .await
+                    .map_err(|e| AppError::OpenShared(e.to_string()))?;
+                postgres.reseal(500).await?
+            }
+            (None, None) => {
+                return Err(AppError::Keys(
+                    "the memory store keeps no sealed data".into(),
+                ));
+            }
+        };
         info!(key_id = %primary, resealed, "key ring reloaded");
         Ok(resealed)
     }
@@ -454,6 +603,9 @@ impl RunningBroker {
         }
         if let Some(sqlite) = &self.sqlite {
             sqlite.close().await;
+        }
+        if let Some(postgres) = &self.postgres {
+            postgres.close().await;
         }
         info!("stopped");
         served
@@ -547,9 +699,15 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    match args.store {
+    match &args.store {
         Some(StoreArg::Memory) => config.store = StoreKind::Memory,
         Some(StoreArg::Sqlite) => config.store = StoreKind::Sqlite,
+        Some(StoreArg::Postgres(url)) => {
+            config.store = StoreKind::Postgres;
+            if let Some(url) = url {
+                config.postgres.url = Some(url.clone());
+            }
+        }
         None => {}
     }
     if let Some(dir) = &args.data_dir {

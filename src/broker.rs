@@ -2,7 +2,7 @@
 //! neutral: the gRPC adapter converts requests into these calls and maps
 //! [`BrokerError`] to statuses.
 
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +20,7 @@ use crate::session::{
     EndReason, ErrorClass, IssuedToken, Labels, Published, Registry, Session, SessionError,
     SessionId, SessionInner, SessionState,
 };
-use crate::store::{InsertMode, SessionStore, StoreError, StoredSession};
+use crate::store::{Change, InsertMode, SessionStore, StoreError, StoredSession};
 
 /// Broker-wide settings of the use cases.
 #[derive(Debug, Clone)]
@@ -308,6 +308,8 @@ impl Broker {
         let _id_held = self.reserve(ReservationKey::Id(id.clone())).await;
 
         let fingerprint = request.refresh_token.fingerprint();
+        // Another replica may have registered it (HA).
+        self.load_from_store(&id).await?;
         let existing = self.registry.get(&id);
         // Checked under the reservation: nothing can register or replace
         // this id between the check and the write.
@@ -597,6 +599,157 @@ impl Broker {
         }
     }
 
+    /// In HA mode, brings a session that another replica registered into
+    /// memory when it is not there yet (a registry miss asks the store).
+    /// Nothing to do on a single node, or when the session is known.
+    pub async fn ensure_loaded(&self, id: &str) -> Result<(), BrokerError> {
+        if self.refresher.coordinator().is_none() || self.registry.get(id).is_some() {
+            return Ok(());
+        }
+        match SessionId::parse(id) {
+            Ok(id) => self.load_from_store(&id).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    async fn load_from_store(&self, id: &SessionId) -> Result<(), BrokerError> {
+        if self.refresher.coordinator().is_none() || self.registry.get(id).is_some() {
+            return Ok(());
+        }
+        match self.store.get(id).await {
+            Ok(Some(record)) => {
+                self.apply_record(record);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(error) => Err(store_error(error)),
+        }
+    }
+
+    /// Applies a stored version of a session: a new one joins the registry,
+    /// a known one adopts it if it is newer.
+    fn apply_record(&self, record: StoredSession) {
+        let id = record.id.clone();
+        let fingerprint = record.registered_fingerprint;
+        match self.registry.get(&id) {
+            Some(session) => {
+                let old = session.lock().registered_fingerprint;
+                if self.refresher.adopt(&session, record) && old != fingerprint {
+                    self.registered.remove_if(&old, |_, owner| *owner == id);
+                    self.registered.insert(fingerprint, id);
+                }
+            }
+            None => {
+                let session = Arc::new(session_from_record(record));
+                let current = self.registry.insert_if_absent(session.clone());
+                if Arc::ptr_eq(&current, &session) {
+                    self.registered.insert(fingerprint, id);
+                    self.refresher.plan(&session);
+                }
+            }
+        }
+    }
+
+    /// Drops a session that another replica deleted.
+    fn forget(&self, session: &Arc<Session>) {
+        let fingerprint = session.lock().registered_fingerprint;
+        self.registered
+            .remove_if(&fingerprint, |_, owner| owner == session.id());
+        self.refresher.forget(session);
+    }
+
+    /// Applies a change that the shared store reported (HA mode). Changes
+    /// this replica made itself are recognised by their generation and
+    /// skipped; so are sessions a local registration or deletion holds
+    /// (it writes the newest state itself).
+    pub async fn apply_change(&self, change: Change) -> Result<(), BrokerError> {
+        match change {
+            Change::Written { id, generation } => {
+                if self.reserved(&id) {
+                    return Ok(());
+                }
+                if let Some(session) = self.registry.get(&id) {
+                    let inner = session.lock();
+                    // Same generation: new only if it ended the session
+                    // (this replica's own refreshes come back this way too).
+                    if inner.generation > generation
+                        || (inner.generation == generation
+                            && inner.state == SessionState::ReauthRequired)
+                    {
+                        return Ok(());
+                    }
+                }
+                self.refetch(&id).await
+            }
+            Change::Deleted { id } => {
+                if !self.reserved(&id)
+                    && let Some(session) = self.registry.get(&id)
+                {
+                    self.forget(&session);
+                    info!(session_id = %id, "session deleted by another replica");
+                }
+                Ok(())
+            }
+            Change::Released { .. } | Change::Lost => Ok(()),
+            Change::Resync => self.resync().await,
+        }
+    }
+
+    async fn refetch(&self, id: &SessionId) -> Result<(), BrokerError> {
+        match self.store.get(id).await.map_err(store_error)? {
+            Some(record) => self.apply_record(record),
+            None => {
+                if let Some(session) = self.registry.get(id) {
+                    self.forget(&session);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares every session with the store after changes may have been
+    /// missed: newer versions are adopted, sessions gone from the store are
+    /// dropped, new ones loaded.
+    pub async fn resync(&self) -> Result<(), BrokerError> {
+        let Some(coordinator) = self.refresher.coordinator() else {
+            return Ok(());
+        };
+        let stored: HashMap<SessionId, u64> = coordinator
+            .generations()
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .collect();
+        let mut adopted = 0usize;
+        for (id, generation) in &stored {
+            let behind = self
+                .registry
+                .get(id)
+                .is_none_or(|s| s.lock().generation < *generation);
+            if behind && !self.reserved(id) {
+                self.refetch(id).await?;
+                adopted += 1;
+            }
+        }
+        let mut dropped = 0usize;
+        for session in self.registry.all() {
+            if !stored.contains_key(session.id()) && !self.reserved(session.id()) {
+                self.forget(&session);
+                dropped += 1;
+            }
+        }
+        info!(
+            sessions = stored.len(),
+            adopted, dropped, "resynchronised with the shared store"
+        );
+        Ok(())
+    }
+
+    fn reserved(&self, id: &SessionId) -> bool {
+        self.reservations
+            .contains_key(&ReservationKey::Id(id.clone()))
+    }
+
     /// A token valid for at least `min_ttl` (the default when `None`), or a
     /// newer one than any held when the call arrived (`force`).
     pub async fn get_token(
@@ -736,6 +889,7 @@ impl Broker {
 
     async fn delete_owned(&self, id: &SessionId) -> Result<bool, BrokerError> {
         let _id_held = self.reserve(ReservationKey::Id(id.clone())).await;
+        self.load_from_store(id).await?;
         let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
         // Never present the refresh token to the logout endpoint while a
         // refresh presents it too: wait for it, and hold off new ones.

@@ -61,8 +61,9 @@ pub struct ServeArgs {
     /// Client id of the default provider.
     #[arg(long)]
     pub client_id: Option<String>,
-    /// Session store [default: sqlite].
-    #[arg(long, value_enum)]
+    /// Session store: sqlite, memory, or a PostgreSQL URL
+    /// (postgres://…, several replicas on one database) [default: sqlite].
+    #[arg(long, value_parser = parse_store)]
     pub store: Option<StoreArg>,
     /// Data directory of the SQLite store [default: ./data].
     #[arg(long)]
@@ -105,12 +106,27 @@ pub struct RekeyArgs {
 }
 
 /// Store choice on the command line.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreArg {
     /// One SQLite file in the data directory.
     Sqlite,
     /// In memory; lost on exit.
     Memory,
+    /// PostgreSQL: the URL here, or `postgres.url` from the config.
+    Postgres(Option<String>),
+}
+
+/// Parses `--store`.
+fn parse_store(value: &str) -> Result<StoreArg, String> {
+    match value {
+        "sqlite" => Ok(StoreArg::Sqlite),
+        "memory" => Ok(StoreArg::Memory),
+        "postgres" | "postgresql" => Ok(StoreArg::Postgres(None)),
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(StoreArg::Postgres(Some(url.to_owned())))
+        }
+        _ => Err("expected sqlite, memory, postgres, or a postgres:// URL".into()),
+    }
 }
 
 /// `dev-idp` flags.

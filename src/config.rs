@@ -50,6 +50,8 @@ pub enum StoreKind {
     Sqlite,
     /// In process memory: lost on exit (tests and demos).
     Memory,
+    /// PostgreSQL at `postgres.url`, shared by several replicas (HA).
+    Postgres,
 }
 
 /// Log output format.
@@ -96,6 +98,36 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Caller authentication and authorization.
     pub auth: AuthConfig,
+    /// The PostgreSQL store (`store = "postgres"`).
+    pub postgres: PostgresConfig,
+}
+
+/// The shared PostgreSQL store of several replicas (HA mode).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL, e.g. `postgres://tokenbroker@db:5432/tokenbroker`
+    /// (best from `TOKENBROKER_POSTGRES__URL`: it may hold a password).
+    /// Never printed.
+    pub url: Option<String>,
+    /// Connections in this replica's pool (one more listens for changes).
+    pub max_connections: u32,
+    /// Seconds a replica's refresh lease on a session lasts without renewal.
+    /// Must outlast two upstream requests (a presentation and its one retry).
+    pub lease_secs: u64,
+    /// Milliseconds to wait for a connection before a call fails.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 8,
+            lease_secs: 45,
+            connect_timeout_ms: 5000,
+        }
+    }
 }
 
 /// Who may call, and what they may do.
@@ -258,6 +290,7 @@ impl Default for Config {
             shutdown_grace_secs: 20,
             tls: None,
             auth: AuthConfig::default(),
+            postgres: PostgresConfig::default(),
         }
     }
 }
@@ -428,6 +461,9 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if self.store == StoreKind::Postgres {
+            self.validate_postgres()?;
+        }
         if self.max_message_bytes < 4096 {
             return Err(ConfigError::new(
                 "max_message_bytes",
@@ -438,6 +474,65 @@ impl Config {
             return Err(ConfigError::new(
                 "max_token_bytes",
                 "must be between 1 and max_message_bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_postgres(&self) -> Result<(), ConfigError> {
+        let pg = &self.postgres;
+        match pg.url.as_deref() {
+            None | Some("") => {
+                return Err(ConfigError::new(
+                    "postgres.url",
+                    "store = \"postgres\" needs a connection URL (TOKENBROKER_POSTGRES__URL)",
+                ));
+            }
+            Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
+                return Err(ConfigError::new(
+                    "postgres.url",
+                    "must start with postgres:// or postgresql://",
+                ));
+            }
+            Some(_) => {}
+        }
+        if pg.max_connections == 0 {
+            return Err(ConfigError::new(
+                "postgres.max_connections",
+                "must be greater than 0",
+            ));
+        }
+        if pg.connect_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "postgres.connect_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        // A lease must outlast a presentation and its one retry, so that no
+        // other replica can claim the session while a request may still be
+        // on its way to the provider.
+        let slowest = self
+            .providers
+            .values()
+            .map(|p| p.request_timeout_ms)
+            .max()
+            .unwrap_or(0);
+        let needed_ms = 2 * slowest + 5000;
+        if pg.lease_secs * 1000 < needed_ms {
+            return Err(ConfigError::new(
+                "postgres.lease_secs",
+                format!(
+                    "must be at least {} s: two upstream requests (request_timeout_ms of \
+                     the slowest provider) plus 5 s",
+                    needed_ms.div_ceil(1000)
+                ),
+            ));
+        }
+        if self.keys.is_none() && self.key_file.is_none() {
+            return Err(ConfigError::new(
+                "key_file",
+                "store = \"postgres\" needs the replicas' shared key ring: set key_file \
+                 or TOKENBROKER_KEYS (keys are never generated for a shared database)",
             ));
         }
         Ok(())
@@ -502,6 +597,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.keys.is_some() {
             shown.keys = Some("[redacted]".into());
+        }
+        if shown.postgres.url.is_some() {
+            shown.postgres.url = Some("[redacted]".into());
         }
         for provider in shown.providers.values_mut() {
             if provider.client_secret.is_some() {
@@ -676,5 +774,60 @@ mod tests {
         assert!(!shown.contains("s3cr3t-value"));
         assert!(!shown.contains("c2VjcmV0"));
         assert!(shown.contains("[redacted]"));
+
+        config.postgres.url = Some("postgres://tb:hunter2@db/tb".into());
+        assert!(!config.redacted_toml().contains("hunter2"));
+    }
+
+    #[test]
+    fn postgres_needs_a_url_a_shared_key_and_a_long_enough_lease() {
+        let base = || {
+            Config::load(
+                None,
+                env(&[
+                    ("TOKENBROKER_AUTH__INSECURE_NO_AUTH", "true"),
+                    ("TOKENBROKER_STORE", "postgres"),
+                ]),
+            )
+            .unwrap()
+        };
+        let config = base();
+        assert_eq!(config.store, StoreKind::Postgres);
+        assert_eq!(config.validate().unwrap_err().key, "postgres.url");
+
+        let mut config = base();
+        config.postgres.url = Some("mysql://db/tb".into());
+        assert_eq!(config.validate().unwrap_err().key, "postgres.url");
+
+        let mut config = base();
+        config.postgres.url = Some("postgres://db/tb".into());
+        let err = config.validate().unwrap_err();
+        assert_eq!(
+            err.key, "key_file",
+            "keys are never generated for HA: {err}"
+        );
+
+        config.keys = Some("k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into());
+        config.validate().unwrap();
+
+        // Default request timeout 15 s: a lease must cover two requests + 5 s.
+        config.postgres.lease_secs = 34;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key, "postgres.lease_secs");
+        assert!(err.reason.contains("35 s"), "{err}");
+        config.postgres.lease_secs = 35;
+        config.validate().unwrap();
+
+        let config = Config::load(
+            None,
+            env(&[
+                ("TOKENBROKER_STORE", "postgres"),
+                ("TOKENBROKER_POSTGRES__URL", "postgres://db/tb"),
+                ("TOKENBROKER_POSTGRES__LEASE_SECS", "60"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.postgres.url.as_deref(), Some("postgres://db/tb"));
+        assert_eq!(config.postgres.lease_secs, 60);
     }
 }

@@ -13,7 +13,8 @@
 //! - [`refresh`]: single-flight refreshes, persist-before-use, backoff, IdP budget, the timer queue;
 //!   [`refresh::timing`] holds the pure timing functions.
 //! - [`oidc`]: the token-endpoint client (the only reqwest user): refresh, logout, classify answers.
-//! - [`store`]: the `SessionStore` trait (compare-and-swap on the generation) and its backends.
+//! - [`store`]: the `SessionStore` trait (compare-and-swap on the generation) and its backends
+//!   (SQLite, PostgreSQL); the `Coordinator` of HA replicas (leases, change feed).
 //! - [`devidp`]: Keycloak-faithful dev IdP with fault injection (tests, `serve --dev`, `dev-idp`).
 //! - [`secret`]: typed secrets (refresh/access tokens, client secrets), redacted and zeroized.
 //! - [`error`]: the transport-neutral error of the use cases.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod devidp;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod oidc;
 pub mod refresh;
 pub mod secret;

@@ -127,6 +127,7 @@ impl TokenBroker for TokenBrokerService {
         // The hot path: validated and looked up as `&str`, no allocation.
         SessionId::check(&request.session_id)?;
         let min_ttl = convert::min_ttl(request.min_ttl)?;
+        self.broker.ensure_loaded(&request.session_id).await?;
         self.authorize(&caller, Operation::Get, &request.session_id)?;
         let token = self
             .broker
@@ -147,6 +148,7 @@ impl TokenBroker for TokenBrokerService {
         self.bounded(request.get_ref())?;
         let slot = self.gate.open_stream(&caller, &request)?;
         let id = convert::session_id(&request.get_ref().session_id)?;
+        self.broker.ensure_loaded(id.as_str()).await?;
         self.authorize(&caller, Operation::Watch, id.as_str())?;
         let watch = self.broker.watch(&id)?;
         // The slot travels with the stream: released when the stream ends.
@@ -180,6 +182,7 @@ impl TokenBroker for TokenBrokerService {
         let caller = self.gate.caller(&request)?;
         self.bounded(request.get_ref())?;
         let id = convert::session_id(&request.into_inner().session_id)?;
+        self.broker.ensure_loaded(id.as_str()).await?;
         self.authorize(&caller, Operation::Inspect, id.as_str())?;
         let info = self.broker.inspect(&id)?;
         Ok(Response::new(pb::GetSessionResponse {
@@ -214,6 +217,7 @@ impl TokenBroker for TokenBrokerService {
         let caller = self.gate.caller(&request)?;
         self.bounded(request.get_ref())?;
         let id = convert::session_id(&request.into_inner().session_id)?;
+        self.broker.ensure_loaded(id.as_str()).await?;
         self.authorize(&caller, Operation::Delete, id.as_str())?;
         let logged_out_upstream = self.broker.delete(&id).await?;
         Ok(Response::new(pb::DeleteSessionResponse {

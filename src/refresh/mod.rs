@@ -15,6 +15,13 @@
 //!   When an answer is lost (the provider may have rotated the token), the same
 //!   token is presented once more at once; a rejection then ends the session
 //!   (`REAUTH_REQUIRED`), never a loop.
+//! - **One refresher across replicas** (HA mode, with a [`Coordinator`]):
+//!   before presenting, a flight claims the session's lease in the shared
+//!   store at the generation it holds, and renews it while the request runs;
+//!   the write of the new generation ends the lease. A replica that finds
+//!   the lease held waits for the new generation (callers) or steps back
+//!   (background work); one that finds the generation moved adopts the
+//!   stored session instead of refreshing.
 
 mod budget;
 mod provider;
@@ -41,7 +48,9 @@ use crate::session::{
     EndReason, ErrorClass, IssuedToken, Published, Registry, Session, SessionError, SessionId,
     SessionInner, SessionState, unix_secs,
 };
-use crate::store::{SessionStore, StoreError, StoredAccessToken, StoredSession};
+use crate::store::{
+    Claim, Coordinator, SessionStore, StoreError, StoredAccessToken, StoredSession,
+};
 
 /// The result every caller of one refresh shares.
 pub type FlightResult = Result<Arc<IssuedToken>, BrokerError>;
@@ -238,10 +247,16 @@ struct Shared {
     tracker: TaskTracker,
     scheduler: SchedulerHandle,
     shutdown: CancellationToken,
+    coordinator: Option<Arc<dyn Coordinator>>,
+    /// Mixed into the per-session jitter so that replicas do not all fall
+    /// due for the same session at the same moment (0 on a single node).
+    jitter_salt: u64,
 }
 
 impl Refresher {
-    /// An engine over these parts. Flights are spawned on `tracker`.
+    /// An engine over these parts. Flights are spawned on `tracker`. With a
+    /// `coordinator`, refreshes are coordinated with other replicas.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: Arc<Registry>,
         providers: Providers,
@@ -250,7 +265,14 @@ impl Refresher {
         tracker: TaskTracker,
         scheduler: SchedulerHandle,
         shutdown: CancellationToken,
+        coordinator: Option<Arc<dyn Coordinator>>,
     ) -> Self {
+        let jitter_salt = coordinator.as_ref().map_or(0, |c| {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            c.replica().hash(&mut hasher);
+            hasher.finish()
+        });
         Self {
             shared: Arc::new(Shared {
                 registry,
@@ -260,8 +282,19 @@ impl Refresher {
                 tracker,
                 scheduler,
                 shutdown,
+                coordinator,
+                jitter_salt,
             }),
         }
+    }
+
+    /// The coordinator of replicas, in HA mode.
+    pub fn coordinator(&self) -> Option<&Arc<dyn Coordinator>> {
+        self.shared.coordinator.as_ref()
+    }
+
+    fn jitter(&self, id: &SessionId, generation: u64) -> f64 {
+        timing::jitter_for(id.as_str(), generation ^ self.shared.jitter_salt)
     }
 
     /// Runs the timer queue on the tracker until shutdown.
@@ -442,21 +475,181 @@ impl Refresher {
                 .end_session(session, generation, "refresh token expired".into())
                 .await;
         }
-        let permit = provider
-            .budget
-            .acquire_escalating(trigger.priority(), escalation)
-            .await
-            .map_err(|_| BrokerError::RateLimited {
-                description: format!("refresh budget of provider {} exhausted", provider.name),
-                retry_after: Duration::from_secs(1),
-            })?;
+        let mut waited = Duration::ZERO;
+        let (permit, leased) = loop {
+            let permit = provider
+                .budget
+                .acquire_escalating(trigger.priority(), escalation)
+                .await
+                .map_err(|_| BrokerError::RateLimited {
+                    description: format!("refresh budget of provider {} exhausted", provider.name),
+                    retry_after: Duration::from_secs(1),
+                })?;
+            let Some(coordinator) = &self.shared.coordinator else {
+                break (permit, None);
+            };
+            let claim = coordinator
+                .claim(session.id(), generation)
+                .await
+                .map_err(|e| BrokerError::StoreUnavailable {
+                    description: format!("cannot claim the refresh lease: {e}"),
+                })?;
+            match claim {
+                Claim::Granted => break (permit, Some(coordinator)),
+                Claim::Moved | Claim::Gone => {
+                    drop(permit);
+                    return self.reload(session).await;
+                }
+                Claim::Held { remaining } => {
+                    drop(permit);
+                    let urgent = trigger.priority() == Priority::Urgent || escalation.is_raised();
+                    if !urgent {
+                        // Background work: the holder's new generation
+                        // arrives by notification; look again once its
+                        // lease would have lapsed.
+                        session.lock().retry_at =
+                            Some(SystemTime::now() + remaining + Duration::from_secs(1));
+                        return current_or_retry(session, StoreError::Conflict);
+                    }
+                    if self.shared.shutdown.is_cancelled() {
+                        return Err(BrokerError::ShuttingDown);
+                    }
+                    if waited > coordinator.lease() + Duration::from_secs(5) {
+                        return Err(BrokerError::StoreUnavailable {
+                            description: "another replica holds this session's refresh; retry"
+                                .into(),
+                        });
+                    }
+                    let pause = remaining.clamp(Duration::from_millis(20), LEASE_POLL);
+                    let mut changes = session.subscribe();
+                    let _ = tokio::time::timeout(pause, changes.changed()).await;
+                    waited += pause;
+                    if session.lock().generation != generation {
+                        // Adopted from the other replica meanwhile.
+                        return settled(session);
+                    }
+                }
+            }
+        };
         debug!(provider = %provider.name, "refreshing");
-        let outcome = present(&provider.client, &refresh_token).await;
+        let outcome = match leased {
+            Some(coordinator) => {
+                renewing(
+                    coordinator.as_ref(),
+                    session.id(),
+                    present(&provider.client, &refresh_token),
+                )
+                .await
+            }
+            None => present(&provider.client, &refresh_token).await,
+        };
         drop(permit);
-        match outcome {
+        let result = match outcome {
             Ok(grant) => self.commit(session, grant, generation).await,
             Err(error) => self.fail(session, &provider, error, generation).await,
+        };
+        if let Some(coordinator) = leased
+            && result.is_err()
+            && session.lock().pending.is_none()
+        {
+            // No new generation was written (a write ends the lease by
+            // itself): let another replica try. A rotation held in memory
+            // keeps the lease, since the stored token must not be presented.
+            if let Err(error) = coordinator.release(session.id()).await {
+                debug!(%error, "could not release the refresh lease; it lapses");
+            }
         }
+        result
+    }
+
+    /// Takes the stored version of a session that another replica changed.
+    async fn reload(&self, session: &Arc<Session>) -> FlightResult {
+        match self.shared.store.get(session.id()).await {
+            Ok(Some(record)) => {
+                self.adopt(session, record);
+                settled(session)
+            }
+            Ok(None) => {
+                self.forget(session);
+                Err(BrokerError::SessionNotFound)
+            }
+            Err(error) => Err(BrokerError::StoreUnavailable {
+                description: format!("cannot reload the session: {error}"),
+            }),
+        }
+    }
+
+    /// Applies a stored version of `session` newer than the one in memory
+    /// (written by another replica): its tokens, generation and state.
+    /// Returns whether anything changed.
+    pub fn adopt(&self, session: &Arc<Session>, record: StoredSession) -> bool {
+        let mut inner = session.lock();
+        let newer = record.generation > inner.generation
+            || (record.generation == inner.generation
+                && record.state == SessionState::ReauthRequired
+                && inner.state == SessionState::Active);
+        if !newer || inner.deleting {
+            return false;
+        }
+        // A rotation of ours that never got stored is superseded: the
+        // stored lineage wins, and ours is never presented.
+        inner.pending = None;
+        inner.provider = record.provider.as_str().into();
+        inner.labels = record.labels;
+        inner.owner = record.owner.map(Into::into);
+        inner.refresh_token = record.refresh_token;
+        inner.registered_fingerprint = record.registered_fingerprint;
+        inner.refresh_expiry = record.refresh_expiry;
+        inner.longest_refresh_lifetime = record
+            .longest_refresh_lifetime_secs
+            .map(Duration::from_secs);
+        inner.generation = record.generation;
+        inner.state = record.state;
+        inner.created_at = record.created_at;
+        inner.last_refresh_at = record.last_refresh_at;
+        inner.consecutive_failures = 0;
+        inner.last_error = record
+            .last_error
+            .filter(|e| e.class == ErrorClass::RejectedSession);
+        inner.retry_not_before = None;
+        inner.retry_at = None;
+        let ended = (record.state == SessionState::ReauthRequired).then(|| {
+            EndReason::ReauthenticationRequired(inner.last_error.as_ref().map_or_else(
+                || "refresh token rejected".into(),
+                |e| e.description.clone(),
+            ))
+        });
+        let token = record.access_token.map(|t| {
+            Arc::new(IssuedToken {
+                access_token: t.token,
+                expires_at: t.expires_at,
+                issued_at: t.issued_at,
+                scope: t.scope.into(),
+                generation: record.generation,
+            })
+        });
+        let owner = inner.owner.clone();
+        session.publish_with(|p| {
+            p.token = if ended.is_some() { None } else { token };
+            p.ended = ended;
+            p.reauth_due_at = record.reauth_due_at;
+            p.owner = owner;
+        });
+        drop(inner);
+        debug!(session_id = %session.id(), generation = record.generation, "adopted the stored session");
+        self.plan(session);
+        true
+    }
+
+    /// Drops a session deleted elsewhere: ends its streams and its timer.
+    pub fn forget(&self, session: &Arc<Session>) {
+        session.lock().deleting = true;
+        self.shared.registry.remove_exact(session);
+        self.plan(session);
+        session.publish_with(|p| {
+            p.token = None;
+            p.ended = Some(EndReason::Deleted);
+        });
     }
 
     /// Stores a new rotation, then publishes its access token.
@@ -560,6 +753,10 @@ impl Refresher {
             }
             Err(StoreError::Backend(cause)) => {
                 let mut inner = session.lock();
+                if inner.generation != expected {
+                    // Replaced or adopted meanwhile: that version is current.
+                    return current_or_retry(session, StoreError::Conflict);
+                }
                 // The provider rotated: the old refresh token must never be
                 // presented again, so the new one becomes the current one now,
                 // and its access token waits until the write succeeds.
@@ -771,7 +968,7 @@ impl Refresher {
             .last_refresh_at
             .or(token.map(|(issued, _)| issued))
             .unwrap_or(inner.created_at);
-        let jitter = timing::jitter_for(session.id().as_str(), inner.generation);
+        let jitter = self.jitter(session.id(), inner.generation);
         let planned = match published.reauth_due_at {
             // The hard maximum caps the refresh token: keep-alives cannot
             // extend it, so only check for the lapse when it comes.
@@ -835,7 +1032,7 @@ impl Refresher {
                         t.issued_at,
                         t.expires_at,
                         &self.shared.policy,
-                        timing::jitter_for(id.as_str(), inner.generation),
+                        self.jitter(id, inner.generation),
                     )
                 });
                 if in_use && early_due {
@@ -876,6 +1073,49 @@ fn unavailable(inner: &SessionInner, retry_after: Duration) -> BrokerError {
             |e| e.description.clone(),
         ),
         retry_after,
+    }
+}
+
+/// How long a caller's flight waits between claims while another replica
+/// holds the lease (a notification of the new generation ends it sooner).
+const LEASE_POLL: Duration = Duration::from_millis(200);
+
+/// Runs `work` (a presentation) while renewing this replica's lease on `id`
+/// every third of its length, so that a slow request never outlives it.
+async fn renewing<T>(
+    coordinator: &dyn Coordinator,
+    id: &SessionId,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let every = (coordinator.lease() / 3).max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticker.tick() => match coordinator.renew(id).await {
+                Ok(true) => {}
+                Ok(false) => warn!("refresh lease lost while the request runs"),
+                Err(error) => warn!(%error, "cannot renew the refresh lease"),
+            },
+        }
+    }
+}
+
+/// The session's outcome after another replica changed it.
+fn settled(session: &Session) -> FlightResult {
+    let published = session.published();
+    match (&published.ended, &published.token) {
+        (Some(EndReason::Deleted), _) => Err(BrokerError::SessionNotFound),
+        (Some(EndReason::ReauthenticationRequired(description)), _) => {
+            Err(BrokerError::ReauthenticationRequired {
+                description: description.clone(),
+            })
+        }
+        (None, Some(token)) if token.expires_at > SystemTime::now() => Ok(token.clone()),
+        _ => Err(BrokerError::StoreUnavailable {
+            description: "the stored session has no valid token; retry".into(),
+        }),
     }
 }
 

@@ -33,6 +33,16 @@ impl Registry {
         self.sessions.insert(session.id().clone(), session);
     }
 
+    /// Inserts unless a session with this id is there already; returns the
+    /// one that is there now.
+    pub fn insert_if_absent(&self, session: Arc<Session>) -> Arc<Session> {
+        self.sessions
+            .entry(session.id().clone())
+            .or_insert(session)
+            .value()
+            .clone()
+    }
+
     /// Removes the session if it is still this very one.
     pub fn remove_exact(&self, session: &Arc<Session>) -> bool {
         self.sessions

@@ -8,10 +8,13 @@
 //! on one database, which also implements [`Coordinator`]).
 
 mod memory;
+pub mod postgres;
+mod row;
 pub mod seal;
 pub mod sqlite;
 
 pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use std::time::SystemTime;

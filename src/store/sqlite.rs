@@ -8,22 +8,20 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions as _, Row as _};
-use tracing::{info, warn};
+use tracing::info;
 
-use super::seal::{KeyRing, SealError};
-use super::{InsertMode, SessionStore, StoreError, StoredAccessToken, StoredSession};
-use crate::oidc::RefreshExpiry;
-use crate::secret::{AccessToken, RefreshToken};
-use crate::session::{ErrorClass, Labels, SessionError, SessionId, SessionState};
+use super::row::{self, Columns, backend};
+use super::seal::KeyRing;
+use super::{InsertMode, SessionStore, StoreError, StoredSession};
+use crate::session::SessionId;
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "tokenbroker.db";
@@ -63,9 +61,6 @@ pub struct SqliteStore {
     keys: RwLock<Arc<KeyRing>>,
     path: PathBuf,
 }
-
-const CHECK_AAD: &[u8] = b"tokenbroker key check";
-const CHECK_VALUE: &[u8] = b"tokenbroker";
 
 impl SqliteStore {
     /// Opens (creating and migrating if needed) the database at `path`, and
@@ -150,24 +145,15 @@ impl SqliteStore {
             Some(row) => {
                 let sealed: Vec<u8> = row.get("sealed");
                 let key_id: String = row.get("key_id");
-                match keys.open(&sealed, CHECK_AAD) {
-                    Ok(value) if value.as_slice() == CHECK_VALUE => Ok(()),
-                    Err(SealError::UnknownKey(_)) => Err(OpenError::WrongKey {
-                        path: self.path.clone(),
-                        key_id,
-                        detail: "does not contain",
-                    }),
-                    _ => Err(OpenError::WrongKey {
-                        path: self.path.clone(),
-                        key_id,
-                        detail: "holds with different key material",
-                    }),
-                }
+                row::verify_check(&keys, &sealed).map_err(|detail| OpenError::WrongKey {
+                    path: self.path.clone(),
+                    key_id,
+                    detail,
+                })
             }
             None => {
-                let sealed = keys.seal(CHECK_VALUE, CHECK_AAD);
                 sqlx::query("INSERT INTO key_check (singleton, sealed, key_id) VALUES (1, ?, ?)")
-                    .bind(sealed)
+                    .bind(row::seal_check(&keys))
                     .bind(keys.primary().to_string())
                     .execute(&self.pool)
                     .await
@@ -218,17 +204,15 @@ impl SqliteStore {
             for row in rows {
                 let id: String = row.get("id");
                 let generation: i64 = row.get("generation");
-                let refresh = open_column(&keys, &id, "refresh_token", row.get("refresh_token"))?;
+                let refresh: Vec<u8> = row.get("refresh_token");
                 let access: Option<Vec<u8>> = row.get("access_token");
-                let access = access
-                    .map(|sealed| open_column(&keys, &id, "access_token", sealed))
-                    .transpose()?;
+                let (refresh, access) = row::reseal(&keys, &id, &refresh, access.as_deref())?;
                 let resealed = sqlx::query(
                     "UPDATE sessions SET refresh_token = ?, access_token = ?, key_id = ? \
                      WHERE id = ? AND generation = ?",
                 )
-                .bind(keys.seal(&refresh, &aad(&id, "refresh_token")))
-                .bind(access.map(|a| keys.seal(&a, &aad(&id, "access_token"))))
+                .bind(refresh)
+                .bind(access)
                 .bind(&primary)
                 .bind(&id)
                 .bind(generation)
@@ -240,7 +224,7 @@ impl SqliteStore {
         }
         let keys = self.keys();
         sqlx::query("UPDATE key_check SET sealed = ?, key_id = ? WHERE singleton = 1")
-            .bind(keys.seal(CHECK_VALUE, CHECK_AAD))
+            .bind(row::seal_check(&keys))
             .bind(keys.primary().to_string())
             .execute(&self.pool)
             .await
@@ -266,158 +250,14 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
-
-    fn decode(&self, keys: &KeyRing, row: &SqliteRow) -> Result<StoredSession, StoreError> {
-        let id: String = row.get("id");
-        let session_id = SessionId::parse(&id)
-            .map_err(|_| StoreError::Backend(format!("stored session id {id:?} is invalid")))?;
-        let refresh = open_column(keys, &id, "refresh_token", row.get("refresh_token"))?;
-        let refresh_token = RefreshToken::new(utf8(&id, &refresh)?);
-        let access: Option<Vec<u8>> = row.get("access_token");
-        let access_token = match access {
-            Some(sealed) => {
-                let plain = open_column(keys, &id, "access_token", sealed)?;
-                Some(StoredAccessToken {
-                    token: AccessToken::new(utf8(&id, &plain)?),
-                    expires_at: from_ms(
-                        row.get::<Option<i64>, _>("access_expires_at_ms")
-                            .unwrap_or(0),
-                    ),
-                    issued_at: from_ms(
-                        row.get::<Option<i64>, _>("access_issued_at_ms")
-                            .unwrap_or(0),
-                    ),
-                    scope: row.get("scope"),
-                })
-            }
-            None => None,
-        };
-        let labels: String = row.get("labels");
-        let labels: Labels = serde_json::from_str(&labels)
-            .map_err(|e| StoreError::Backend(format!("labels of {id:?}: {e}")))?;
-        let fingerprint: Vec<u8> = row.get("registered_fingerprint");
-        let registered_fingerprint: [u8; 32] = fingerprint
-            .try_into()
-            .map_err(|_| StoreError::Backend(format!("fingerprint of {id:?} is not 32 bytes")))?;
-        let refresh_expiry = match (
-            row.get::<i64, _>("refresh_expiry_kind"),
-            row.get::<Option<i64>, _>("refresh_expires_at_ms"),
-        ) {
-            (1, _) => RefreshExpiry::Never,
-            (2, Some(ms)) => RefreshExpiry::At(from_ms(ms)),
-            _ => RefreshExpiry::Unknown,
-        };
-        let state = match row.get::<String, _>("state").as_str() {
-            "reauth_required" => SessionState::ReauthRequired,
-            _ => SessionState::Active,
-        };
-        let last_error = match (
-            row.get::<Option<String>, _>("last_error_class"),
-            row.get::<Option<String>, _>("last_error_description"),
-            row.get::<Option<i64>, _>("last_error_at_ms"),
-        ) {
-            (Some(class), Some(description), Some(at)) => Some(SessionError {
-                class: class_from_str(&class),
-                description,
-                at: from_ms(at),
-            }),
-            _ => None,
-        };
-        Ok(StoredSession {
-            id: session_id,
-            provider: row.get("provider"),
-            labels,
-            owner: row.get("owner"),
-            refresh_token,
-            registered_fingerprint,
-            access_token,
-            refresh_expiry,
-            longest_refresh_lifetime_secs: row
-                .get::<Option<i64>, _>("longest_refresh_lifetime_s")
-                .map(|s| s.max(0) as u64),
-            generation: row.get::<i64, _>("generation").max(0) as u64,
-            state,
-            last_error,
-            created_at: from_ms(row.get("created_at_ms")),
-            last_refresh_at: row.get::<Option<i64>, _>("last_refresh_at_ms").map(from_ms),
-            reauth_due_at: row.get::<Option<i64>, _>("reauth_due_at_ms").map(from_ms),
-        })
-    }
 }
 
-/// The sealed columns and plain metadata of one row, ready to bind.
-struct Encoded {
-    refresh_token: Vec<u8>,
-    access_token: Option<Vec<u8>>,
-    key_id: String,
-    labels: String,
+static INSERT: LazyLock<String> = LazyLock::new(|| row::insert_sql(|_| "?".into()));
+static UPDATE: LazyLock<String> = LazyLock::new(|| row::update_sql(|_| "?".into(), ""));
+
+fn decode(keys: &KeyRing, row: &sqlx::sqlite::SqliteRow) -> Result<StoredSession, StoreError> {
+    Columns::read(row)?.decode(keys)
 }
-
-fn encode(keys: &KeyRing, session: &StoredSession) -> Encoded {
-    let id = session.id.as_str();
-    Encoded {
-        refresh_token: keys.seal(
-            session.refresh_token.expose_secret().as_bytes(),
-            &aad(id, "refresh_token"),
-        ),
-        access_token: session
-            .access_token
-            .as_ref()
-            .map(|t| keys.seal(t.token.expose_secret().as_bytes(), &aad(id, "access_token"))),
-        key_id: keys.primary().to_string(),
-        labels: serde_json::to_string(&session.labels).unwrap_or_else(|_| "{}".into()),
-    }
-}
-
-/// Binds every column of `session` in the order of [`COLUMNS`].
-fn bind_row<'q>(
-    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-    session: &'q StoredSession,
-    encoded: Encoded,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
-    let (kind, at) = match session.refresh_expiry {
-        RefreshExpiry::Unknown => (0_i64, None),
-        RefreshExpiry::Never => (1, None),
-        RefreshExpiry::At(t) => (2, Some(to_ms(t))),
-    };
-    let access = session.access_token.as_ref();
-    let error = session.last_error.as_ref();
-    query
-        .bind(session.provider.as_str())
-        .bind(encoded.labels)
-        .bind(encoded.refresh_token)
-        .bind(session.registered_fingerprint.to_vec())
-        .bind(encoded.access_token)
-        .bind(access.map(|t| to_ms(t.expires_at)))
-        .bind(access.map(|t| to_ms(t.issued_at)))
-        .bind(access.map_or("", |t| t.scope.as_str()))
-        .bind(kind)
-        .bind(at)
-        .bind(session.longest_refresh_lifetime_secs.map(|s| s as i64))
-        .bind(session.generation as i64)
-        .bind(session.state.as_str())
-        .bind(error.map(|e| class_str(e.class)))
-        .bind(error.map(|e| e.description.as_str()))
-        .bind(error.map(|e| to_ms(e.at)))
-        .bind(to_ms(session.created_at))
-        .bind(session.last_refresh_at.map(to_ms))
-        .bind(session.reauth_due_at.map(to_ms))
-        .bind(encoded.key_id)
-        .bind(session.owner.as_deref())
-}
-
-const INSERT: &str = "INSERT INTO sessions (provider, labels, refresh_token, registered_fingerprint, \
-     access_token, access_expires_at_ms, access_issued_at_ms, scope, refresh_expiry_kind, \
-     refresh_expires_at_ms, longest_refresh_lifetime_s, generation, state, last_error_class, \
-     last_error_description, last_error_at_ms, created_at_ms, last_refresh_at_ms, reauth_due_at_ms, \
-     key_id, owner, id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
-
-const UPDATE: &str = "UPDATE sessions SET provider = ?, labels = ?, refresh_token = ?, \
-     registered_fingerprint = ?, access_token = ?, access_expires_at_ms = ?, access_issued_at_ms = ?, \
-     scope = ?, refresh_expiry_kind = ?, refresh_expires_at_ms = ?, longest_refresh_lifetime_s = ?, \
-     generation = ?, state = ?, last_error_class = ?, last_error_description = ?, last_error_at_ms = ?, \
-     created_at_ms = ?, last_refresh_at_ms = ?, reauth_due_at_ms = ?, key_id = ?, owner = ? \
-     WHERE id = ? AND generation = ?";
 
 #[async_trait]
 impl SessionStore for SqliteStore {
@@ -428,7 +268,7 @@ impl SessionStore for SqliteStore {
         let mut rows = sqlx::query("SELECT * FROM sessions").fetch(&self.pool);
         let mut sessions = Vec::new();
         while let Some(row) = rows.next().await {
-            sessions.push(self.decode(&keys, &row.map_err(backend)?)?);
+            sessions.push(decode(&keys, &row.map_err(backend)?)?);
         }
         Ok(sessions)
     }
@@ -440,15 +280,15 @@ impl SessionStore for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(backend)?;
-        row.map(|row| self.decode(&keys, &row)).transpose()
+        row.map(|row| decode(&keys, &row)).transpose()
     }
 
     async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
-        let encoded = encode(&self.keys(), session);
+        let columns = Columns::encode(&self.keys(), session);
         match mode {
             InsertMode::New => {
-                let result = bind_row(sqlx::query(INSERT), session, encoded)
-                    .bind(session.id.as_str())
+                let result = columns
+                    .bind(sqlx::query(INSERT.as_str()))
                     .execute(&self.pool)
                     .await;
                 match result {
@@ -461,7 +301,7 @@ impl SessionStore for SqliteStore {
             }
             InsertMode::Replace {
                 expected_generation,
-            } => self.cas(session, encoded, expected_generation).await,
+            } => self.cas(session, columns, expected_generation).await,
         }
     }
 
@@ -470,8 +310,8 @@ impl SessionStore for SqliteStore {
         session: &StoredSession,
         expected_generation: u64,
     ) -> Result<(), StoreError> {
-        let encoded = encode(&self.keys(), session);
-        self.cas(session, encoded, expected_generation).await
+        let columns = Columns::encode(&self.keys(), session);
+        self.cas(session, columns, expected_generation).await
     }
 
     async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
@@ -490,9 +330,8 @@ impl SqliteStore {
         let keys = self.keys();
         let mut tx = self.pool.begin().await.map_err(backend)?;
         for session in sessions {
-            let encoded = encode(&keys, session);
-            bind_row(sqlx::query(INSERT), session, encoded)
-                .bind(session.id.as_str())
+            Columns::encode(&keys, session)
+                .bind(sqlx::query(INSERT.as_str()))
                 .execute(&mut *tx)
                 .await
                 .map_err(backend)?;
@@ -503,11 +342,11 @@ impl SqliteStore {
     async fn cas(
         &self,
         session: &StoredSession,
-        encoded: Encoded,
+        columns: Columns,
         expected_generation: u64,
     ) -> Result<(), StoreError> {
-        let result = bind_row(sqlx::query(UPDATE), session, encoded)
-            .bind(session.id.as_str())
+        let result = columns
+            .bind(sqlx::query(UPDATE.as_str()))
             .bind(expected_generation as i64)
             .execute(&self.pool)
             .await
@@ -528,71 +367,6 @@ impl SqliteStore {
     }
 }
 
-fn aad(id: &str, column: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(id.len() + column.len() + 1);
-    aad.extend_from_slice(id.as_bytes());
-    aad.push(0);
-    aad.extend_from_slice(column.as_bytes());
-    aad
-}
-
-fn open_column(
-    keys: &KeyRing,
-    id: &str,
-    column: &str,
-    sealed: Vec<u8>,
-) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
-    keys.open(&sealed, &aad(id, column)).map_err(|e| {
-        StoreError::Backend(format!(
-            "cannot open the sealed {column} of session {id:?}: {e}"
-        ))
-    })
-}
-
-fn utf8(id: &str, bytes: &[u8]) -> Result<String, StoreError> {
-    String::from_utf8(bytes.to_vec())
-        .map_err(|_| StoreError::Backend(format!("a token of session {id:?} is not UTF-8")))
-}
-
-fn backend(error: sqlx::Error) -> StoreError {
-    let message = match &error {
-        sqlx::Error::Database(e) => e.message().to_string(),
-        other => other.to_string(),
-    };
-    warn!(error = %message, "session store failed");
-    StoreError::Backend(message)
-}
-
-fn to_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis().min(i64::MAX as u128) as i64)
-        .unwrap_or(0)
-}
-
-fn from_ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
-}
-
-fn class_str(class: ErrorClass) -> &'static str {
-    match class {
-        ErrorClass::RejectedSession => "rejected_session",
-        ErrorClass::RejectedConfig => "rejected_config",
-        ErrorClass::Transient => "transient",
-        ErrorClass::Unreadable => "unreadable",
-        ErrorClass::Store => "store",
-    }
-}
-
-fn class_from_str(raw: &str) -> ErrorClass {
-    match raw {
-        "rejected_session" => ErrorClass::RejectedSession,
-        "rejected_config" => ErrorClass::RejectedConfig,
-        "unreadable" => ErrorClass::Unreadable,
-        "store" => ErrorClass::Store,
-        _ => ErrorClass::Transient,
-    }
-}
-
 /// Parses a `sqlite:` URL or plain path (for tests and tools).
 pub fn path_of(raw: &str) -> PathBuf {
     PathBuf::from_str(raw.trim_start_matches("sqlite:")).unwrap_or_default()
@@ -601,33 +375,9 @@ pub fn path_of(raw: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oidc::RefreshExpiry;
+    use crate::store::row::{sample as session, to_ms};
     use crate::store::seal::KeyId;
-
-    fn session(id: &str, refresh: &str, generation: u64) -> StoredSession {
-        let now = SystemTime::now();
-        StoredSession {
-            id: SessionId::parse(id).unwrap(),
-            provider: "apiax".into(),
-            labels: [("team".to_string(), "a".to_string())].into(),
-            owner: Some("spiffe://test/ns/a/sa/b".into()),
-            refresh_token: RefreshToken::from(refresh),
-            registered_fingerprint: RefreshToken::from(refresh).fingerprint(),
-            access_token: Some(StoredAccessToken {
-                token: AccessToken::from(format!("access-of-{refresh}").as_str()),
-                expires_at: now + Duration::from_secs(1800),
-                issued_at: now,
-                scope: "profile".into(),
-            }),
-            refresh_expiry: RefreshExpiry::At(now + Duration::from_secs(3600)),
-            longest_refresh_lifetime_secs: Some(3600),
-            generation,
-            state: SessionState::Active,
-            last_error: None,
-            created_at: now,
-            last_refresh_at: Some(now),
-            reauth_due_at: None,
-        }
-    }
 
     async fn open(dir: &Path) -> SqliteStore {
         let keys = KeyRing::generate(KeyId::new("k1").unwrap());
