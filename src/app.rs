@@ -47,7 +47,7 @@ pub enum AppError {
     },
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
-    Server(#[from] tonic::transport::Error),
+    Server(String),
     /// The SQLite store could not be opened (or the key does not open it).
     #[error(transparent)]
     Open(#[from] crate::store::sqlite::OpenError),
@@ -224,6 +224,12 @@ pub struct RunningBroker {
     tracker: TaskTracker,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
+    draining: CancellationToken,
+    drain_delay: Duration,
+    /// Where the admin HTTP endpoint (`/metrics`) listens, when configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// Where the plaintext health port listens, when configured.
+    pub health_addr: Option<SocketAddr>,
     /// The SQLite store, when configured (key rotation, closing).
     pub sqlite: Option<Arc<SqliteStore>>,
     /// The PostgreSQL store, when configured (key rotation, closing).
@@ -383,18 +389,46 @@ pub async fn start_with_parts(
     let service =
         TokenBrokerService::new(broker.clone(), gate, config.max_message_bytes).into_server();
     let (health, health_service) = tonic_health::server::health_reporter();
+    let draining = CancellationToken::new();
     tracker.spawn(report_health(
         health.clone(),
         store_health,
+        draining.clone(),
         shutdown.clone(),
     ));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AppError::Server(format!("reflection: {e}")))?;
+    let metrics = crate::metrics::install();
+    let admin_addr = match (config.admin_listen, metrics) {
+        (Some(at), Some(metrics)) => {
+            Some(spawn_admin(at, metrics, broker.clone(), &tracker, shutdown.clone()).await?)
+        }
+        (Some(_), None) => {
+            warn!("admin_listen set, but another metrics recorder is installed: no /metrics");
+            None
+        }
+        (None, _) => None,
+    };
+    let health_addr = match config.health_listen {
+        Some(at) => {
+            Some(spawn_health_port(at, health_service.clone(), &tracker, shutdown.clone()).await?)
+        }
+        None => None,
+    };
     let mut builder = tonic::transport::Server::builder()
-        .max_concurrent_streams(config.auth.max_streams_per_connection);
+        .max_concurrent_streams(config.auth.max_streams_per_connection)
+        .layer(crate::grpc::observe::RpcMetricsLayer);
     if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| AppError::Server(e.to_string()))?;
     }
     let server = builder
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
@@ -409,6 +443,10 @@ pub async fn start_with_parts(
         tracker,
         server,
         grace: Duration::from_secs(config.shutdown_grace_secs),
+        draining,
+        drain_delay: Duration::from_secs(config.drain_delay_secs),
+        admin_addr,
+        health_addr,
         sqlite: None,
         postgres: None,
         key_file: None,
@@ -470,6 +508,89 @@ async fn follow_changes(
     }
 }
 
+/// Serves `/metrics` on `at` until shutdown; returns the bound address.
+async fn spawn_admin(
+    at: SocketAddr,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    broker: Arc<Broker>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, AppError> {
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(|source| AppError::Bind { addr: at, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr: at, source })?;
+    let render = move || {
+        broker.record_gauges();
+        metrics.render()
+    };
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    tracker.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            warn!(%error, "admin endpoint failed");
+        }
+    });
+    info!(%addr, "admin endpoint (/metrics) listening");
+    Ok(addr)
+}
+
+/// Serves only `grpc.health.v1`, in plaintext, on `at` until shutdown (for
+/// kubelet's gRPC probes when the main port requires client certificates).
+async fn spawn_health_port<S>(
+    at: SocketAddr,
+    health: S,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, AppError>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(|source| AppError::Bind { addr: at, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr: at, source })?;
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned());
+    tracker.spawn(async move {
+        if let Err(error) = server.await {
+            warn!(%error, "health port failed");
+        }
+    });
+    info!(%addr, "plaintext health port listening");
+    Ok(addr)
+}
+
 /// The TLS settings of the gRPC port, read from their files.
 fn server_tls(
     tls: &crate::config::TlsConfig,
@@ -500,15 +621,17 @@ fn server_tls(
 pub const HEALTH_SERVICE: &str = "tokenbroker.v1.TokenBroker";
 
 /// SERVING while the store accepts writes, NOT_SERVING when it fails and
-/// while draining. An IdP outage does not change it.
+/// from the start of a drain. An IdP outage does not change it.
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     mut store_health: tokio::sync::watch::Receiver<bool>,
+    draining: CancellationToken,
     shutdown: CancellationToken,
 ) {
     use tonic_health::ServingStatus;
     loop {
         let healthy = *store_health.borrow_and_update();
+        metrics::gauge!(crate::metrics::STORE_UP).set(if healthy { 1.0 } else { 0.0 });
         let status = if healthy {
             ServingStatus::Serving
         } else {
@@ -522,6 +645,7 @@ async fn report_health(
         }
         tokio::select! {
             changed = store_health.changed() => if changed.is_err() { break },
+            () = draining.cancelled() => break,
             () = shutdown.cancelled() => break,
         }
     }
@@ -575,13 +699,26 @@ impl RunningBroker {
         self.shutdown.clone()
     }
 
-    /// Stops accepting, ends watch streams, lets refreshes in flight land
-    /// (within the grace period), then returns.
+    /// Drains: health NOT_SERVING at once, then (after `drain_delay_secs`,
+    /// still serving meanwhile) stops accepting, ends watch streams with
+    /// UNAVAILABLE, lets refreshes in flight land (within the grace period;
+    /// each one's write or release ends its lease), then returns.
     pub async fn shutdown(self) -> Result<(), AppError> {
+        info!(
+            drain_delay_secs = self.drain_delay.as_secs(),
+            "draining: health NOT_SERVING"
+        );
+        self.draining.cancel();
+        if !self.drain_delay.is_zero() && !self.shutdown.is_cancelled() {
+            tokio::select! {
+                () = tokio::time::sleep(self.drain_delay) => {}
+                () = self.shutdown.cancelled() => {}
+            }
+        }
         info!("shutting down");
         self.shutdown.cancel();
         let served = match tokio::time::timeout(self.grace, self.server).await {
-            Ok(Ok(result)) => result.map_err(AppError::from),
+            Ok(Ok(result)) => result.map_err(|e| AppError::Server(e.to_string())),
             Ok(Err(join)) => {
                 warn!(error = %join, "gRPC server task failed");
                 Ok(())
@@ -636,7 +773,8 @@ async fn serve_until(running: &RunningBroker, signal: impl Future<Output = ()>) 
                 {
                     info!("SIGHUP: access policy reloaded");
                 }
-                if running.key_file.is_some() && running.sqlite.is_some()
+                if running.key_file.is_some()
+                    && (running.sqlite.is_some() || running.postgres.is_some())
                     && let Err(error) = running.reload_keys().await
                 {
                     warn!(%error, "SIGHUP: key ring not reloaded");

@@ -21,6 +21,7 @@ use crate::session::{
     SessionId, SessionInner, SessionState,
 };
 use crate::store::{Change, InsertMode, SessionStore, StoreError, StoredSession};
+use crate::telemetry::TraceContext;
 
 /// Broker-wide settings of the use cases.
 #[derive(Debug, Clone)]
@@ -70,6 +71,8 @@ pub struct Registration {
     pub replace: bool,
     /// The authenticated caller registering it (its owner), if any.
     pub owner: Option<Arc<str>>,
+    /// The caller's trace context, sent on the registration's refresh.
+    pub trace: Option<TraceContext>,
 }
 
 /// Session metadata (never a token).
@@ -221,6 +224,22 @@ impl Broker {
     /// Number of sessions held.
     pub fn session_count(&self) -> usize {
         self.registry.len()
+    }
+
+    /// Sets the gauges that describe the whole broker (at scrape time):
+    /// sessions by state and the refresh queue's depth.
+    pub fn record_gauges(&self) {
+        let (mut active, mut ended) = (0usize, 0usize);
+        self.registry.for_each(|session| {
+            if session.published().ended.is_some() {
+                ended += 1;
+            } else {
+                active += 1;
+            }
+        });
+        metrics::gauge!(crate::metrics::SESSIONS, "state" => "active").set(active as f64);
+        metrics::gauge!(crate::metrics::SESSIONS, "state" => "reauth_required").set(ended as f64);
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.refresher.queue_depth() as f64);
     }
 
     /// Brings stored sessions back into memory and plans their refreshes.
@@ -398,7 +417,7 @@ impl Broker {
             }
             (None, None) => {
                 let grant = self
-                    .first_refresh(&provider, &request.refresh_token)
+                    .first_refresh(&provider, &request.refresh_token, request.trace)
                     .await?;
                 from_grant(grant, request.refresh_token)
             }
@@ -565,6 +584,7 @@ impl Broker {
         &self,
         provider: &refresh::Provider,
         refresh_token: &RefreshToken,
+        trace: Option<TraceContext>,
     ) -> Result<oidc::TokenGrant, BrokerError> {
         let _permit = provider
             .budget
@@ -574,7 +594,7 @@ impl Broker {
                 description: format!("refresh budget of provider {} exhausted", provider.name),
                 retry_after: Duration::from_secs(1),
             })?;
-        refresh::present(&provider.client, refresh_token)
+        refresh::present(&provider.client, refresh_token, trace.as_ref())
             .await
             .map_err(|error| registration_error(&provider.name, error))
     }
@@ -757,6 +777,7 @@ impl Broker {
         id: &str,
         min_ttl: Option<Duration>,
         force: bool,
+        trace: Option<TraceContext>,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
         let now = SystemTime::now();
@@ -769,7 +790,7 @@ impl Broker {
             let seen = published.token.as_ref().map_or(0, |t| t.generation);
             return self
                 .refresher
-                .refresh(&session, Trigger::Forced, Some(seen))
+                .refresh(&session, Trigger::Forced, Some(seen), trace)
                 .await;
         }
         let min_ttl = min_ttl.unwrap_or(self.settings.default_min_ttl);
@@ -782,7 +803,7 @@ impl Broker {
         // provider grants less than `min_ttl`.
         let token = self
             .refresher
-            .refresh(&session, Trigger::OnDemand, None)
+            .refresh(&session, Trigger::OnDemand, None, trace)
             .await?;
         if token.expires_at <= SystemTime::now() {
             return Err(BrokerError::ProviderUnavailable {

@@ -70,6 +70,11 @@ pub enum LogFormat {
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Admin HTTP address (`/metrics`); off when unset.
+    pub admin_listen: Option<SocketAddr>,
+    /// A plaintext gRPC port serving only `grpc.health.v1` (for kubelet's
+    /// gRPC probes when the main port uses mTLS); off when unset.
+    pub health_listen: Option<SocketAddr>,
     /// Provider used when a registration names none.
     pub default_provider: String,
     /// Identity providers by name.
@@ -92,8 +97,14 @@ pub struct Config {
     pub max_token_bytes: usize,
     /// Log format.
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector to export traces to, e.g. `http://otel-collector:4317`
+    /// (needs a build with the `otlp` feature); off when unset.
+    pub otlp_endpoint: Option<String>,
     /// Seconds that in-flight work gets to finish on shutdown.
     pub shutdown_grace_secs: u64,
+    /// Seconds between turning health NOT_SERVING and closing the port on
+    /// shutdown, so that load balancers stop sending calls first.
+    pub drain_delay_secs: u64,
     /// Serve gRPC over TLS (required for `auth.source = "mtls"`).
     pub tls: Option<TlsConfig>,
     /// Caller authentication and authorization.
@@ -277,6 +288,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: None,
+            health_listen: None,
             default_provider: "apiax".into(),
             providers: BTreeMap::from([("apiax".to_string(), ProviderConfig::default())]),
             refresh: RefreshConfig::default(),
@@ -287,7 +300,9 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             max_token_bytes: 16 * 1024,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             shutdown_grace_secs: 20,
+            drain_delay_secs: 0,
             tls: None,
             auth: AuthConfig::default(),
             postgres: PostgresConfig::default(),
@@ -463,6 +478,20 @@ impl Config {
         }
         if self.store == StoreKind::Postgres {
             self.validate_postgres()?;
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "otlp_endpoint",
+                    "must be an http:// or https:// URL of an OTLP/gRPC collector",
+                ));
+            }
+            if !cfg!(feature = "otlp") {
+                return Err(ConfigError::new(
+                    "otlp_endpoint",
+                    "this build has no OTLP exporter: build with `cargo build --features otlp`",
+                ));
+            }
         }
         if self.max_message_bytes < 4096 {
             return Err(ConfigError::new(

@@ -77,12 +77,18 @@ pub fn install() -> Option<PrometheusHandle> {
             ];
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(TOKEN_REMAINING.into()), &lifetime)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                })
                 .ok()?
                 .install_recorder()
                 .ok()?;
             describe();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            // Present from the start, so dashboards and alerts see zeros
+            // rather than missing series (lease claims happen in HA only).
+            metrics::counter!(LEASE_CLAIMS, "outcome" => "granted").increment(0);
+            metrics::gauge!(WATCH_STREAMS).increment(0.0);
             Some(handle)
         })
         .clone()

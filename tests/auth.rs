@@ -696,7 +696,7 @@ async fn revoking_access_ends_open_watch_streams() {
     t.broker.policy.as_ref().unwrap().reload().unwrap();
     t.broker
         .broker
-        .get_token("payments/gus", None, true)
+        .get_token("payments/gus", None, true, None)
         .await
         .unwrap();
     let ended = tokio::time::timeout(5 * SECOND, stream.message())

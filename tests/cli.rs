@@ -21,7 +21,12 @@ impl Serve {
     }
 
     fn start_with(extra: &[&str]) -> Self {
+        Self::start_env(extra, &[])
+    }
+
+    fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--dev",
@@ -80,18 +85,22 @@ impl Serve {
         );
     }
 
-    // A plain (non-async) test: polling the child with a blocking sleep is fine here.
-    #[allow(clippy::disallowed_methods)]
-    fn stop(mut self) -> std::process::ExitStatus {
+    fn stop(self) -> std::process::ExitStatus {
         self.signal("-TERM");
-        for _ in 0..100 {
+        self.wait_exit()
+    }
+
+    // Polling the child with a blocking sleep is fine here (plain tests, or spawn_blocking).
+    #[allow(clippy::disallowed_methods)]
+    fn wait_exit(mut self) -> std::process::ExitStatus {
+        for _ in 0..200 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
-        panic!("serve did not stop within 5 s of SIGTERM");
+        panic!("serve did not stop within 10 s of SIGTERM");
     }
 }
 
@@ -290,4 +299,85 @@ fn rekey_rotates_the_key_beside_a_running_broker() {
         "{}",
         text(&out.stdout)
     );
+}
+
+/// SIGTERM drains a real process: health turns NOT_SERVING first while calls
+/// are still served (drain delay), then watch streams end with UNAVAILABLE
+/// and the process exits 0.
+#[tokio::test]
+async fn sigterm_drains_health_first_then_streams_then_exits_zero() {
+    use tokenbroker::pb;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let serve = Serve::start_env(&[], &[("TOKENBROKER_DRAIN_DELAY_SECS", "2")]);
+    let out = serve.run(&["register", "--dev-login", "dana", "--session-id", "dana"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let channel = tonic::transport::Endpoint::from_shared(serve.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut broker = pb::token_broker_client::TokenBrokerClient::new(channel.clone());
+    let mut tokens = broker
+        .watch_token(pb::WatchTokenRequest {
+            session_id: "dana".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), tokens.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.is_some(), "the current token comes first");
+    let mut health = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = |m: Option<tonic_health::pb::HealthCheckResponse>| m.unwrap().status;
+    let serving = tokio::time::timeout(Duration::from_secs(5), health.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status(serving), ServingStatus::Serving as i32);
+
+    serve.signal("-TERM");
+    let draining = tokio::time::timeout(Duration::from_secs(5), health.message())
+        .await
+        .expect("health changes at once")
+        .unwrap();
+    assert_eq!(status(draining), ServingStatus::NotServing as i32);
+    // Still serving during the drain delay.
+    broker
+        .get_access_token(pb::GetAccessTokenRequest {
+            session_id: "dana".into(),
+            min_ttl: None,
+            force_refresh: false,
+        })
+        .await
+        .expect("calls are still served while health says NOT_SERVING");
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tokens.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends after the drain delay")
+    .expect_err("with a status");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    // A health Watch stream lasts until its client leaves (or the grace
+    // period ends); kubelet's probes are single checks.
+    drop((health, tokens, broker));
+    let exit = tokio::task::spawn_blocking(move || serve.wait_exit())
+        .await
+        .unwrap();
+    assert!(exit.success(), "exit status {exit}");
 }

@@ -341,6 +341,9 @@ async fn token(
     form: Result<Form<OidcForm>, FormRejection>,
 ) -> Response {
     idp.with_realm(|realm| realm.count_token_request());
+    if let Some(trace) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        idp.record_traceparent(trace);
+    }
     let Ok(Form(form)) = form else {
         return form_error();
     };

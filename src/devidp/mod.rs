@@ -216,6 +216,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Token requests being processed; processing outlives a client that went away.
     tasks: TaskTracker,
+    /// `traceparent` headers of the latest token requests (at most 64).
+    traceparents: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl std::fmt::Debug for DevIdp {
@@ -246,6 +248,7 @@ impl DevIdp {
                 time_offset: AtomicI64::new(0),
                 shutdown,
                 tasks: TaskTracker::new(),
+                traceparents: Mutex::default(),
             }),
         }
     }
@@ -371,6 +374,20 @@ impl DevIdp {
     /// The clock shift set by [`DevIdp::set_time_offset`].
     pub fn time_offset(&self) -> i64 {
         self.inner.time_offset.load(Ordering::Relaxed)
+    }
+
+    /// The `traceparent` headers of the latest token requests (at most 64),
+    /// oldest first: tests check that trace context reaches the IdP.
+    pub fn traceparents(&self) -> Vec<String> {
+        lock(&self.inner.traceparents).iter().cloned().collect()
+    }
+
+    pub(crate) fn record_traceparent(&self, value: &str) {
+        let mut seen = lock(&self.inner.traceparents);
+        if seen.len() == 64 {
+            seen.pop_front();
+        }
+        seen.push_back(value.to_owned());
     }
 
     /// Global counters.

@@ -102,6 +102,7 @@ pub fn registration(
         scope: request.scope,
     });
     Ok(Registration {
+        trace: None,
         session_id,
         refresh_token: RefreshToken::new(request.refresh_token),
         provider: request.provider,

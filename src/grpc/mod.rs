@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod gate;
+pub mod observe;
 pub mod status;
 
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use crate::error::BrokerError;
 use crate::pb;
 use crate::pb::token_broker_server::{TokenBroker, TokenBrokerServer};
 use crate::session::SessionId;
+use crate::telemetry::TraceContext;
 use gate::{Caller, Gate};
 
 /// The `tokenbroker.v1.TokenBroker` service.
@@ -83,6 +85,47 @@ impl TokenBrokerService {
     }
 }
 
+/// Counts an open watch stream in the gauge while it lives.
+#[derive(Debug)]
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> Self {
+        ::metrics::gauge!(crate::metrics::WATCH_STREAMS).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        ::metrics::gauge!(crate::metrics::WATCH_STREAMS).decrement(1.0);
+    }
+}
+
+/// The W3C trace context of an incoming call, if it carries a valid one.
+fn trace_of<T>(request: &Request<T>) -> Option<TraceContext> {
+    request
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+}
+
+/// The span of one RPC: method, session id and the caller's trace id.
+fn rpc_span(method: &'static str, session_id: &str, trace: Option<&TraceContext>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        method,
+        session_id = %session_id,
+        trace_id = tracing::field::Empty
+    );
+    if let Some(trace) = trace {
+        span.record("trace_id", tracing::field::display(trace.trace_id()));
+        crate::telemetry::set_remote_parent(&span, trace);
+    }
+    span
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTokenResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -93,6 +136,7 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<pb::RegisterSessionResponse>, Status> {
         let caller = self.gate.caller(&request)?;
         self.bounded(request.get_ref())?;
+        let trace = trace_of(&request);
         let mut registration =
             convert::registration(request.into_inner(), self.broker.settings().max_token_bytes)?;
         let id = registration
@@ -100,12 +144,13 @@ impl TokenBroker for TokenBrokerService {
             .as_ref()
             .map_or_else(String::new, |id| id.to_string());
         registration.owner = caller.as_ref().map(|c| c.as_str().into());
+        registration.trace = trace;
         // Authorized by the broker under its reservation of the id actually
         // registered, so no concurrent registration can slip in between.
         let gate = self.gate.clone();
         let check: RegisterCheck =
             Box::new(move |id, existing| gate.check_register(&caller, id.as_str(), existing));
-        let span = tracing::info_span!("register_session", session_id = %id);
+        let span = rpc_span("RegisterSession", &id, trace.as_ref());
         let (info, created) = self
             .broker
             .register(registration, check)
@@ -123,16 +168,28 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
         let caller = self.gate.caller(&request)?;
         self.bounded(request.get_ref())?;
+        let trace = trace_of(&request);
         let request = request.into_inner();
         // The hot path: validated and looked up as `&str`, no allocation.
         SessionId::check(&request.session_id)?;
         let min_ttl = convert::min_ttl(request.min_ttl)?;
-        self.broker.ensure_loaded(&request.session_id).await?;
-        self.authorize(&caller, Operation::Get, &request.session_id)?;
-        let token = self
-            .broker
-            .get_token(&request.session_id, min_ttl, request.force_refresh)
-            .await?;
+        let span = rpc_span("GetAccessToken", &request.session_id, trace.as_ref());
+        let token = async {
+            self.broker.ensure_loaded(&request.session_id).await?;
+            self.authorize(&caller, Operation::Get, &request.session_id)?;
+            Ok::<_, Status>(
+                self.broker
+                    .get_token(&request.session_id, min_ttl, request.force_refresh, trace)
+                    .await?,
+            )
+        }
+        .instrument(span)
+        .await?;
+        let remaining = token
+            .expires_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        ::metrics::histogram!(crate::metrics::TOKEN_REMAINING).record(remaining.as_secs_f64());
         Ok(Response::new(pb::GetAccessTokenResponse {
             token: Some(convert::access_token(&token)),
         }))
@@ -150,7 +207,12 @@ impl TokenBroker for TokenBrokerService {
         let id = convert::session_id(&request.get_ref().session_id)?;
         self.broker.ensure_loaded(id.as_str()).await?;
         self.authorize(&caller, Operation::Watch, id.as_str())?;
-        let watch = self.broker.watch(&id)?;
+        let watch = {
+            let _span = rpc_span("WatchToken", id.as_str(), None).entered();
+            tracing::debug!("watch stream opened");
+            self.broker.watch(&id)?
+        };
+        let slot = (slot, OpenStream::new());
         // The slot travels with the stream: released when the stream ends.
         // Every token is authorized again, so a policy reload that revokes
         // the caller's access ends its open streams too.
@@ -219,7 +281,8 @@ impl TokenBroker for TokenBrokerService {
         let id = convert::session_id(&request.into_inner().session_id)?;
         self.broker.ensure_loaded(id.as_str()).await?;
         self.authorize(&caller, Operation::Delete, id.as_str())?;
-        let logged_out_upstream = self.broker.delete(&id).await?;
+        let span = rpc_span("DeleteSession", id.as_str(), None);
+        let logged_out_upstream = self.broker.delete(&id).instrument(span).await?;
         Ok(Response::new(pb::DeleteSessionResponse {
             logged_out_upstream,
         }))

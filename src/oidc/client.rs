@@ -139,6 +139,16 @@ impl TokenClient {
     /// On `Err`, [`RefreshError::outcome`] says whether the IdP may have rotated the presented
     /// token.
     pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<TokenGrant, RefreshError> {
+        self.refresh_traced(refresh_token, None).await
+    }
+
+    /// [`TokenClient::refresh`], sending `trace` as the request's W3C
+    /// `traceparent`.
+    pub async fn refresh_traced(
+        &self,
+        refresh_token: &RefreshToken,
+        trace: Option<&crate::telemetry::TraceContext>,
+    ) -> Result<TokenGrant, RefreshError> {
         let endpoint = &self.inner.endpoint;
         let mut form = vec![
             ("grant_type", "refresh_token"),
@@ -150,7 +160,13 @@ impl TokenClient {
         }
         let secrets = [refresh_token.expose_secret()];
         let answer = self
-            .post(Operation::Refresh, &self.inner.token_url, &form, &secrets)
+            .post(
+                Operation::Refresh,
+                &self.inner.token_url,
+                &form,
+                &secrets,
+                trace,
+            )
             .await?;
         match &answer.body {
             Ok(body) => classify_answer(
@@ -190,7 +206,7 @@ impl TokenClient {
             form.push(("client_secret", secret.expose_secret()));
         }
         let secrets = [refresh_token.expose_secret()];
-        let answer = self.post(operation, url, &form, &secrets).await?;
+        let answer = self.post(operation, url, &form, &secrets, None).await?;
         if (200..300).contains(&answer.status) {
             // The IdP acted; whatever the body says (or fails to say) does not matter.
             return Ok(());
@@ -216,18 +232,20 @@ impl TokenClient {
         url: &Url,
         form: &[(&str, &str)],
         secrets: &[&str],
+        trace: Option<&crate::telemetry::TraceContext>,
     ) -> Result<Answer, RefreshError> {
         let endpoint = &self.inner.endpoint;
         let started = Instant::now();
         let sent_at = SystemTime::now();
-        let sent = self
+        let mut request = self
             .inner
             .http
             .post(url.clone())
-            .header(ACCEPT, HeaderValue::from_static("application/json"))
-            .form(form)
-            .send()
-            .await;
+            .header(ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(trace) = trace {
+            request = request.header("traceparent", trace.header());
+        }
+        let sent = request.form(form).send().await;
         let mut response = match sent {
             Ok(response) => response,
             Err(e) => {

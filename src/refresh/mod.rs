@@ -51,6 +51,7 @@ use crate::session::{
 use crate::store::{
     Claim, Coordinator, SessionStore, StoreError, StoredAccessToken, StoredSession,
 };
+use crate::telemetry::TraceContext;
 
 /// The result every caller of one refresh shares.
 pub type FlightResult = Result<Arc<IssuedToken>, BrokerError>;
@@ -171,15 +172,18 @@ impl Trigger {
 pub async fn present(
     client: &TokenClient,
     refresh_token: &RefreshToken,
+    trace: Option<&TraceContext>,
 ) -> Result<TokenGrant, RefreshError> {
-    match client.refresh(refresh_token).await {
+    let child = trace.map(TraceContext::child);
+    match client.refresh_traced(refresh_token, child.as_ref()).await {
         Err(error) if error.outcome_unknown() => {
             warn!(
                 provider = %client.endpoint().provider,
                 %error,
                 "refresh outcome unknown; presenting the stored refresh token once more"
             );
-            client.refresh(refresh_token).await
+            let child = trace.map(TraceContext::child);
+            client.refresh_traced(refresh_token, child.as_ref()).await
         }
         outcome => outcome,
     }
@@ -288,6 +292,11 @@ impl Refresher {
         }
     }
 
+    /// Sessions planned in the timer queue.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.scheduler.depth()
+    }
+
     /// The coordinator of replicas, in HA mode.
     pub fn coordinator(&self) -> Option<&Arc<dyn Coordinator>> {
         self.shared.coordinator.as_ref()
@@ -320,8 +329,9 @@ impl Refresher {
         session: &Arc<Session>,
         trigger: Trigger,
         seen_generation: Option<u64>,
+        trace: Option<TraceContext>,
     ) -> FlightResult {
-        match self.start_or_join(session, trigger, seen_generation) {
+        match self.start_or_join(session, trigger, seen_generation, trace) {
             Ok(flight) => flight.wait().await,
             Err(done) => done,
         }
@@ -329,7 +339,7 @@ impl Refresher {
 
     /// Starts a refresh if none is in flight, without waiting for it.
     pub fn kick(&self, session: &Arc<Session>, trigger: Trigger) {
-        let _ = self.start_or_join(session, trigger, None);
+        let _ = self.start_or_join(session, trigger, None, None);
     }
 
     /// The flight to wait for, or the answer right away.
@@ -338,6 +348,7 @@ impl Refresher {
         session: &Arc<Session>,
         trigger: Trigger,
         seen_generation: Option<u64>,
+        trace: Option<TraceContext>,
     ) -> Result<Flight, FlightResult> {
         let now = SystemTime::now();
         let inner = session.lock();
@@ -369,7 +380,7 @@ impl Refresher {
         if self.shared.shutdown.is_cancelled() {
             return Err(Err(BrokerError::ShuttingDown));
         }
-        Ok(self.launch(session, inner, trigger))
+        Ok(self.launch(session, inner, trigger, trace))
     }
 
     /// Starts a flight while the caller holds the session's lock, so that
@@ -379,19 +390,30 @@ impl Refresher {
         session: &Arc<Session>,
         mut inner: std::sync::MutexGuard<'_, SessionInner>,
         trigger: Trigger,
+        trace: Option<TraceContext>,
     ) -> Flight {
         inner.flights_started += 1;
         let (flight, tx) = Flight::new(inner.flights_started);
         inner.flight = Some(flight.clone());
+        let provider = inner.provider.clone();
         drop(inner);
 
         let this = self.clone();
         let session = session.clone();
         let escalation = flight.escalation.clone();
-        let span = info_span!("refresh", session_id = %session.id(), trigger = trigger.as_str(), seq = flight.seq);
+        // Work no caller asked for starts its own trace.
+        let trace = trace.unwrap_or_else(TraceContext::root);
+        let span = info_span!(
+            "refresh",
+            session_id = %session.id(),
+            %provider,
+            trigger = trigger.as_str(),
+            seq = flight.seq,
+            trace_id = %trace.trace_id(),
+        );
         self.shared.tracker.spawn(
             async move {
-                let result = this.execute(&session, trigger, &escalation).await;
+                let result = this.execute(&session, trigger, &escalation, &trace).await;
                 {
                     let mut inner = session.lock();
                     inner.flight = None;
@@ -447,6 +469,7 @@ impl Refresher {
         session: &Arc<Session>,
         trigger: Trigger,
         escalation: &Escalation,
+        trace: &TraceContext,
     ) -> FlightResult {
         if let Some(token) = self.retry_pending_commit(session).await? {
             return Ok(token);
@@ -477,23 +500,36 @@ impl Refresher {
         }
         let mut waited = Duration::ZERO;
         let (permit, leased) = loop {
+            let budget_started = tokio::time::Instant::now();
             let permit = provider
                 .budget
                 .acquire_escalating(trigger.priority(), escalation)
-                .await
-                .map_err(|_| BrokerError::RateLimited {
-                    description: format!("refresh budget of provider {} exhausted", provider.name),
-                    retry_after: Duration::from_secs(1),
-                })?;
+                .await;
+            metrics::histogram!(
+                crate::metrics::BUDGET_WAIT,
+                "provider" => provider.name.to_string(),
+                "priority" => if trigger.priority() == Priority::Urgent { "urgent" } else { "background" },
+            )
+            .record(budget_started.elapsed().as_secs_f64());
+            let permit = permit.map_err(|_| BrokerError::RateLimited {
+                description: format!("refresh budget of provider {} exhausted", provider.name),
+                retry_after: Duration::from_secs(1),
+            })?;
             let Some(coordinator) = &self.shared.coordinator else {
                 break (permit, None);
             };
-            let claim = coordinator
-                .claim(session.id(), generation)
-                .await
-                .map_err(|e| BrokerError::StoreUnavailable {
-                    description: format!("cannot claim the refresh lease: {e}"),
-                })?;
+            let claim = coordinator.claim(session.id(), generation).await;
+            let claimed = match &claim {
+                Ok(Claim::Granted) => "granted",
+                Ok(Claim::Held { .. }) => "held",
+                Ok(Claim::Moved) => "moved",
+                Ok(Claim::Gone) => "gone",
+                Err(_) => "error",
+            };
+            metrics::counter!(crate::metrics::LEASE_CLAIMS, "outcome" => claimed).increment(1);
+            let claim = claim.map_err(|e| BrokerError::StoreUnavailable {
+                description: format!("cannot claim the refresh lease: {e}"),
+            })?;
             match claim {
                 Claim::Granted => break (permit, Some(coordinator)),
                 Claim::Moved | Claim::Gone => {
@@ -532,22 +568,51 @@ impl Refresher {
             }
         };
         debug!(provider = %provider.name, "refreshing");
+        let upstream_started = tokio::time::Instant::now();
         let outcome = match leased {
             Some(coordinator) => {
                 renewing(
                     coordinator.as_ref(),
                     session.id(),
-                    present(&provider.client, &refresh_token),
+                    present(&provider.client, &refresh_token, Some(trace)),
                 )
                 .await
             }
-            None => present(&provider.client, &refresh_token).await,
+            None => present(&provider.client, &refresh_token, Some(trace)).await,
         };
         drop(permit);
+        let answered = match &outcome {
+            Ok(_) => "ok",
+            Err(error) => match error_class(error) {
+                ErrorClass::RejectedSession => "rejected",
+                ErrorClass::RejectedConfig => "rejected_config",
+                ErrorClass::Unreadable => "unreadable",
+                _ => "transient",
+            },
+        };
+        metrics::histogram!(
+            crate::metrics::UPSTREAM_SECONDS,
+            "provider" => provider.name.to_string(),
+            "outcome" => answered,
+        )
+        .record(upstream_started.elapsed().as_secs_f64());
+        metrics::gauge!(crate::metrics::PROVIDER_UP, "provider" => provider.name.to_string())
+            .set(if answered == "transient" { 0.0 } else { 1.0 });
         let result = match outcome {
             Ok(grant) => self.commit(session, grant, generation).await,
             Err(error) => self.fail(session, &provider, error, generation).await,
         };
+        let counted = match (answered, &result) {
+            ("ok", Err(BrokerError::StoreUnavailable { .. })) => "store_failed",
+            (answered, _) => answered,
+        };
+        metrics::counter!(
+            crate::metrics::REFRESHES,
+            "provider" => provider.name.to_string(),
+            "trigger" => trigger.as_str(),
+            "outcome" => counted,
+        )
+        .increment(1);
         if let Some(coordinator) = leased
             && result.is_err()
             && session.lock().pending.is_none()
@@ -1043,7 +1108,7 @@ impl Refresher {
             }
         };
         if inner.state == SessionState::Active {
-            self.launch(&session, inner, trigger);
+            self.launch(&session, inner, trigger, None);
         }
     }
 }

@@ -3,6 +3,8 @@
 //! sessions cost a million wheel entries, not a million sleeping tasks.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -25,6 +27,7 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Command>,
+    depth: Arc<AtomicUsize>,
 }
 
 impl SchedulerHandle {
@@ -37,6 +40,11 @@ impl SchedulerHandle {
         let _ = self.tx.send(Command::At(id, when));
     }
 
+    /// Sessions planned in the queue now.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+
     /// Forgets any plan for `id`.
     pub fn cancel(&self, id: SessionId) {
         let _ = self.tx.send(Command::Cancel(id));
@@ -47,12 +55,20 @@ impl SchedulerHandle {
 #[derive(Debug)]
 pub struct SchedulerTask {
     rx: mpsc::UnboundedReceiver<Command>,
+    depth: Arc<AtomicUsize>,
 }
 
 /// A scheduler's handle and its not-yet-running task.
 pub fn channel() -> (SchedulerHandle, SchedulerTask) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (SchedulerHandle { tx }, SchedulerTask { rx })
+    let depth = Arc::new(AtomicUsize::new(0));
+    (
+        SchedulerHandle {
+            tx,
+            depth: depth.clone(),
+        },
+        SchedulerTask { rx, depth },
+    )
 }
 
 impl SchedulerTask {
@@ -81,11 +97,14 @@ impl SchedulerTask {
                     None => break,
                 },
                 Some(expired) = queue.next(), if !queue.is_empty() => {
+                    let late = Instant::now().saturating_duration_since(expired.deadline());
+                    metrics::histogram!(crate::metrics::REFRESH_LAG).record(late.as_secs_f64());
                     let id = expired.into_inner();
                     keys.remove(&id);
                     due(id);
                 }
             }
+            self.depth.store(keys.len(), Ordering::Relaxed);
         }
         tracing::debug!(planned = keys.len(), "refresh scheduler stopped");
     }

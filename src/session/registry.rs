@@ -60,6 +60,14 @@ impl Registry {
         self.sessions.is_empty()
     }
 
+    /// Calls `f` for every session, without collecting them (shard guards
+    /// are held only while `f` runs, which must not block).
+    pub fn for_each(&self, mut f: impl FnMut(&Session)) {
+        for entry in self.sessions.iter() {
+            f(entry.value());
+        }
+    }
+
     /// A snapshot of all sessions (for listing and loading); clones `Arc`s only.
     pub fn all(&self) -> Vec<Arc<Session>> {
         self.sessions
