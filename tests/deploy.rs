@@ -697,7 +697,7 @@ fn pod_env(bundle: &Bundle, pod: &Pod, problems: &mut Vec<String>) -> BTreeMap<S
                     env.insert(var_name.clone(), value);
                 }
                 None => problems.push(format!(
-                    "{}: env {var_name} reads key {key} of {kind_} {source}, which does not exist",
+                    "{}: env {var_name} reads key {key:?} of {kind_} {source}: no such {kind_} or key",
                     bundle.label
                 )),
             }
@@ -1281,8 +1281,9 @@ fn check_config(bundle: &Bundle, pod: &Pod, effective: &Effective, problems: &mu
             .is_some_and(|v| v.get("secret").is_some() || v.get("projected").is_some())
     {
         problems.push(format!(
-            "{label}: key_file {} is on a Secret volume: its files are root's, or 0440 with fsGroup, and \
-             the broker refuses a key file others can read; pass the ring in TOKENBROKER_KEYS",
+            "{label}: key_file {} is on a Secret or projected volume: its files are root's, or 0440 \
+             with fsGroup, and the broker refuses a key file others can read; pass the ring in \
+             TOKENBROKER_KEYS",
             key_file.display()
         ));
     }
@@ -1465,7 +1466,8 @@ fn check_meshes(
                 .collect();
             if spiffe != linkerd {
                 problems.push(format!(
-                    "{label}: policy rules[{index}] names its callers differently for Istio ({spiffe:?}) and Linkerd ({linkerd:?})"
+                    "{label}: policy rules[{index}] does not name each caller in both forms: its SPIFFE ids \
+                     are, as Linkerd identities, {spiffe:?}; its Linkerd identities are {linkerd:?}"
                 ));
             }
         }
