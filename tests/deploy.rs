@@ -603,8 +603,6 @@ fn data_value(doc: &Value, key: &str) -> Option<String> {
 // The configuration the pod runs with
 
 struct Effective {
-    /// The config file as TOML.
-    file: toml::Table,
     /// Loaded with the pod's environment and validated.
     config: Config,
     /// The pod's environment (values resolved).
@@ -706,10 +704,6 @@ fn pod_env(bundle: &Bundle, pod: &Pod, problems: &mut Vec<String>) -> BTreeMap<S
     env
 }
 
-/// Listen addresses the server may not know yet on this branch; checked as
-/// raw TOML values then (see `effective_config`).
-const NEWER_LISTENERS: [&str; 2] = ["admin_listen", "health_listen"];
-
 fn effective_config(bundle: &Bundle, pod: &Pod, problems: &mut Vec<String>) -> Option<Effective> {
     let args: Vec<&str> = list(pod.container, "/args")
         .iter()
@@ -740,36 +734,6 @@ fn effective_config(bundle: &Bundle, pod: &Pod, problems: &mut Vec<String>) -> O
     };
     let config = match load(&file) {
         Ok(config) => config,
-        // The server does not know every listener yet: load without them, and
-        // check them as raw values below.
-        Err(e)
-            if NEWER_LISTENERS.iter().any(|l| {
-                e.to_string()
-                    .contains(&format!("unknown field: found `{l}`"))
-            }) =>
-        {
-            static NOTE: std::sync::Once = std::sync::Once::new();
-            NOTE.call_once(|| {
-                eprintln!(
-                    "note: tokenbroker::config::Config does not know {NEWER_LISTENERS:?} yet; \
-                     they are checked as raw config.toml values"
-                );
-            });
-            let mut older = file.clone();
-            for listener in NEWER_LISTENERS {
-                older.remove(listener);
-            }
-            match load(&older) {
-                Ok(config) => config,
-                Err(e) => {
-                    problems.push(format!(
-                        "{}: {path} with the pod's environment: {e}",
-                        bundle.label
-                    ));
-                    return None;
-                }
-            }
-        }
         Err(e) => {
             problems.push(format!(
                 "{}: {path} with the pod's environment: {e}",
@@ -784,7 +748,7 @@ fn effective_config(bundle: &Bundle, pod: &Pod, problems: &mut Vec<String>) -> O
             bundle.label
         ));
     }
-    Some(Effective { file, config, env })
+    Some(Effective { config, env })
 }
 
 // ---------------------------------------------------------------------------
@@ -1201,29 +1165,23 @@ fn check_config(bundle: &Bundle, pod: &Pod, effective: &Effective, problems: &mu
     let label = &bundle.label;
     let config = &effective.config;
     // Listen addresses are the container's ports.
-    for (key, port_name) in [
-        ("listen", "grpc-api"),
-        ("admin_listen", "http-admin"),
-        ("health_listen", "grpc-health"),
+    for (key, address, port_name) in [
+        ("listen", Some(config.listen), "grpc-api"),
+        ("admin_listen", config.admin_listen, "http-admin"),
+        ("health_listen", config.health_listen, "grpc-health"),
     ] {
-        let Some(address) = effective.file.get(key).and_then(|v| v.as_str()) else {
-            problems.push(format!("{label}: config.toml sets no {key}"));
-            continue;
-        };
-        let Ok(address) = address.parse::<std::net::SocketAddr>() else {
-            problems.push(format!(
-                "{label}: config.toml {key} = {address:?} is no socket address"
-            ));
+        let Some(address) = address else {
+            problems.push(format!("{label}: the configuration sets no {key}"));
             continue;
         };
         if !address.ip().is_unspecified() {
             problems.push(format!(
-                "{label}: config.toml {key} = {address} is unreachable from outside the pod"
+                "{label}: {key} = {address} is unreachable from outside the pod"
             ));
         }
         if pod.port_named(port_name).map(|p| p.number) != Some(i64::from(address.port())) {
             problems.push(format!(
-                "{label}: config.toml {key} = {address}, but container port {port_name} is {:?}",
+                "{label}: {key} = {address}, but container port {port_name} is {:?}",
                 pod.port_named(port_name)
             ));
         }
@@ -1233,10 +1191,12 @@ fn check_config(bundle: &Bundle, pod: &Pod, effective: &Effective, problems: &mu
     let grace = pod.spec["terminationGracePeriodSeconds"]
         .as_i64()
         .unwrap_or(30);
-    if u64::try_from(grace).unwrap() <= config.shutdown_grace_secs {
+    let drain = config.drain_delay_secs + config.shutdown_grace_secs;
+    if u64::try_from(grace).unwrap() <= drain {
         problems.push(format!(
-            "{label}: terminationGracePeriodSeconds {grace} does not outlast shutdown_grace_secs {}",
-            config.shutdown_grace_secs
+            "{label}: terminationGracePeriodSeconds {grace} does not outlast the drain: \
+             drain_delay_secs {} + shutdown_grace_secs {}",
+            config.drain_delay_secs, config.shutdown_grace_secs
         ));
     }
 
@@ -1433,6 +1393,17 @@ fn check_meshes(
             .and_then(Value::as_str)
             .map(str::to_string)
     };
+    // The sidecar keeps forwarding until the broker's drain is over.
+    let drain = effective.map(|e| e.config.drain_delay_secs + e.config.shutdown_grace_secs);
+    let outlives = |what: &str, hold: Option<u64>, problems: &mut Vec<String>| {
+        if let Some(drain) = drain
+            && hold.is_none_or(|hold| hold <= drain)
+        {
+            problems.push(format!(
+                "{label}: {what} ({hold:?} s) does not outlast the broker's drain ({drain} s)"
+            ));
+        }
+    };
     let bypassed = |value: Option<String>| -> bool {
         let listed: BTreeSet<String> = value
             .unwrap_or_default()
@@ -1492,6 +1463,13 @@ fn check_meshes(
                         "{label}: the pod does not ask for the Istio sidecar"
                     ));
                 }
+                let hold = annotation("proxy.istio.io/config").and_then(|config| {
+                    config.lines().find_map(|line| {
+                        let value = line.trim().strip_prefix("terminationDrainDuration:")?;
+                        value.trim().strip_suffix('s')?.parse().ok()
+                    })
+                });
+                outlives("the Istio terminationDrainDuration", hold, problems);
                 if !bypassed(annotation("traffic.sidecar.istio.io/excludeInboundPorts")) {
                     problems.push(format!(
                         "{label}: the sidecar captures the probe or metrics port ({bypass:?})"
@@ -1609,6 +1587,9 @@ fn check_meshes(
                         "{label}: the pod does not ask for the Linkerd proxy"
                     ));
                 }
+                let hold = annotation("config.alpha.linkerd.io/proxy-wait-before-exit-seconds")
+                    .and_then(|v| v.parse().ok());
+                outlives("the Linkerd proxy-wait-before-exit-seconds", hold, problems);
                 if !bypassed(annotation("config.linkerd.io/skip-inbound-ports")) {
                     problems.push(format!(
                         "{label}: the proxy captures the probe or metrics port ({bypass:?})"
