@@ -756,6 +756,10 @@ impl Broker {
             if !stored.contains_key(session.id()) && !self.reserved(session.id()) {
                 self.forget(&session);
                 dropped += 1;
+            } else {
+                // The store is back: rotations held in memory are written now,
+                // while this replica still holds their leases.
+                self.refresher.settle_soon(&session);
             }
         }
         info!(

@@ -97,6 +97,9 @@ pub struct Config {
     pub max_token_bytes: usize,
     /// Log format.
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector to export traces to, e.g. `http://otel-collector:4317`
+    /// (needs a build with the `otlp` feature); off when unset.
+    pub otlp_endpoint: Option<String>,
     /// Seconds that in-flight work gets to finish on shutdown.
     pub shutdown_grace_secs: u64,
     /// Seconds between turning health NOT_SERVING and closing the port on
@@ -298,6 +301,7 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             max_token_bytes: 16 * 1024,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             shutdown_grace_secs: 20,
             drain_delay_secs: 0,
             tls: None,
@@ -475,6 +479,20 @@ impl Config {
         }
         if self.store == StoreKind::Postgres {
             self.validate_postgres()?;
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "otlp_endpoint",
+                    "must be an http:// or https:// URL of an OTLP/gRPC collector",
+                ));
+            }
+            if !cfg!(feature = "otlp") {
+                return Err(ConfigError::new(
+                    "otlp_endpoint",
+                    "this build has no OTLP exporter: build with `cargo build --features otlp`",
+                ));
+            }
         }
         if self.max_message_bytes < 4096 {
             return Err(ConfigError::new(

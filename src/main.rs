@@ -23,7 +23,15 @@ async fn main() -> ExitCode {
                 print!("{}", config.redacted_toml());
                 return ExitCode::SUCCESS;
             }
-            telemetry::init(config.log_format);
+            let _telemetry =
+                match telemetry::init_with_otlp(config.log_format, config.otlp_endpoint.as_deref())
+                {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        eprintln!("error: {error}");
+                        return ExitCode::from(2);
+                    }
+                };
             match app::serve(config, &args, telemetry::shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

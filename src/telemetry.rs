@@ -1,20 +1,124 @@
-//! Logging setup and the process shutdown signal.
+//! Logging and tracing setup, W3C trace context, and the process signals.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::LogFormat;
+
+/// Keeps the OTLP exporter running; flushes and stops it when dropped.
+#[derive(Debug, Default)]
+pub struct TelemetryGuard {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
 
 /// Installs the global subscriber: `RUST_LOG` filters (default `info`), text
 /// or JSON lines on standard error.
 pub fn init(format: LogFormat) {
+    let _ = init_with_otlp(format, None);
+}
+
+/// Like [`init`], also exporting spans over OTLP/gRPC to `otlp_endpoint`
+/// (builds with the `otlp` feature; without it an endpoint is an error).
+pub fn init_with_otlp(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> Result<TelemetryGuard, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    match otlp_endpoint {
+        None => {
+            let _ = registry.try_init();
+            Ok(TelemetryGuard::default())
+        }
+        #[cfg(feature = "otlp")]
+        Some(endpoint) => {
+            let (layer, provider) = otlp::layer(endpoint)?;
+            let _ = registry.with(layer).try_init();
+            Ok(TelemetryGuard {
+                provider: Some(provider),
+            })
+        }
+        #[cfg(not(feature = "otlp"))]
+        Some(_) => {
+            let _ = registry.try_init();
+            Err("otlp_endpoint is set, but this build has no OTLP exporter \
+                 (build with `--features otlp`)"
+                .into())
+        }
+    }
+}
+
+#[cfg(feature = "otlp")]
+mod otlp {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+
+    /// The tracing layer that exports spans to `endpoint`, and its provider.
+    pub fn layer<S>(
+        endpoint: &str,
+    ) -> Result<
+        (
+            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
+            SdkTracerProvider,
+        ),
+        String,
+    >
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| format!("OTLP exporter: {e}"))?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("tokenbroker")
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("tokenbroker");
+        Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
+    }
+}
+
+/// Makes `span` a child of the caller's trace in exported traces (OTLP).
+pub fn set_remote_parent(span: &tracing::Span, trace: &TraceContext) {
+    #[cfg(feature = "otlp")]
+    {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        };
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let remote = SpanContext::new(
+            TraceId::from_bytes(trace.trace_id),
+            SpanId::from_bytes(trace.span_id),
+            TraceFlags::new(trace.flags),
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    #[cfg(not(feature = "otlp"))]
+    let _ = (span, trace);
 }
 
 /// SIGHUP deliveries, listened for from creation on (none lost in between).

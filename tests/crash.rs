@@ -35,15 +35,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::process::{Serve, ServeCommand, connect};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokenbroker::devidp::{
@@ -56,8 +57,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tokenbroker");
 
 /// Sessions per scenario.
 const SESSIONS: usize = 16;
@@ -145,116 +144,6 @@ fn reason(status: &tonic::Status) -> String {
 
 fn is_reauth(status: &tonic::Status) -> bool {
     status.code() == Code::FailedPrecondition && reason(status) == "REAUTHENTICATION_REQUIRED"
-}
-
-/// One `tokenbroker serve` process. Dropping it kills it (SIGKILL) and reaps
-/// it, so no process outlives the test, also when it panics.
-struct Serve {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Serve {
-    /// Starts `serve` on `data_dir` with stderr (JSON log lines) in `log`.
-    fn spawn(data_dir: &Path, log: PathBuf, token_url: &str) -> Self {
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let mut command = Command::new(BIN);
-        command
-            .args([
-                "serve",
-                "--insecure-no-auth",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args([
-                "--token-url",
-                token_url,
-                "--client-id",
-                "integration-api",
-                "--log-json",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        // Only this test's settings reach the process.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TOKENBROKER_") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .env("RUST_LOG", "info")
-            .env("TOKENBROKER_REFRESH__BACKOFF_BASE_MS", "100")
-            .env("TOKENBROKER_REFRESH__ON_DEMAND_BACKOFF_CAP_MS", "200")
-            .env("TOKENBROKER_PROVIDERS__APIAX__REQUEST_TIMEOUT_MS", "2000")
-            .env("TOKENBROKER_PROVIDERS__APIAX__CONNECT_TIMEOUT_MS", "200")
-            .env(
-                "TOKENBROKER_PROVIDERS__APIAX__MAX_CONCURRENT_REFRESHES",
-                "64",
-            )
-            .env(
-                "TOKENBROKER_PROVIDERS__APIAX__MAX_REFRESHES_PER_SECOND",
-                "10000",
-            )
-            .env("TOKENBROKER_SHUTDOWN_GRACE_SECS", "2");
-        let child = command.spawn().expect("serve starts");
-        Self { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for the `tokenbroker serving` line and returns its address.
-    async fn serving_addr(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            for line in self.log_text().lines() {
-                let Ok(json) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
-                let fields = &json["fields"];
-                if fields["message"] == "tokenbroker serving" {
-                    return fields["addr"]
-                        .as_str()
-                        .expect("addr field")
-                        .parse()
-                        .expect("a socket address");
-                }
-            }
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "serve exited with {status} before serving:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not come up within 20 s:\n{}",
-                self.log_text()
-            );
-            sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// SIGKILL, then reap (bounded).
-    async fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "a killed serve did not exit");
-            sleep(Duration::from_millis(5)).await;
-        }
-    }
 }
 
 /// What the callers saw.
@@ -381,16 +270,6 @@ async fn settle_idp(idp: &DevIdp) {
     }
 }
 
-async fn connect(addr: SocketAddr) -> TokenBrokerClient<Channel> {
-    timeout(
-        Duration::from_secs(10),
-        TokenBrokerClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .expect("connect in time")
-    .expect("client connects")
-}
-
 /// Numbers of one scenario, for the log.
 #[derive(Debug, Default)]
 struct Report {
@@ -433,14 +312,17 @@ impl Scenario {
             .dir
             .path()
             .join(format!("serve-{:03}.log", self.starts));
-        Serve::spawn(&self.data_dir(), log, &self.token_url)
+        ServeCommand::new(&self.token_url, log)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .spawn()
     }
 
     /// Starts a process that serves, sometimes after killing one or two
     /// attempts during start-up (store open, migrations, loading sessions).
     async fn start(&mut self) -> (Serve, TokenBrokerClient<Channel>) {
         while self.rng.random_bool(0.15) {
-            let serve = self.spawn();
+            let mut serve = self.spawn();
             sleep(Duration::from_millis(self.rng.random_range(0..60))).await;
             serve.kill().await;
             self.report.startup_kills += 1;

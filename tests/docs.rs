@@ -233,6 +233,7 @@ fn sample() -> Config {
         max_message_bytes: 131_072,
         max_token_bytes: 8_192,
         log_format: LogFormat::Json,
+        otlp_endpoint: Some("http://collector.sample:4317".into()),
         shutdown_grace_secs: 21,
         drain_delay_secs: 3,
         tls: Some(TlsConfig {

@@ -121,6 +121,7 @@ fn rpc_span(method: &'static str, session_id: &str, trace: Option<&TraceContext>
     );
     if let Some(trace) = trace {
         span.record("trace_id", tracing::field::display(trace.trace_id()));
+        crate::telemetry::set_remote_parent(&span, trace);
     }
     span
 }

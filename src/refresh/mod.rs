@@ -706,6 +706,16 @@ impl Refresher {
         true
     }
 
+    /// Retries the store write of a held rotation now (the store is back).
+    pub fn settle_soon(&self, session: &Arc<Session>) {
+        let mut inner = session.lock();
+        if inner.pending.is_none() || inner.flight.is_some() {
+            return;
+        }
+        inner.retry_at = None;
+        self.launch(session, inner, Trigger::KeepAlive, None);
+    }
+
     /// Drops a session deleted elsewhere: ends its streams and its timer.
     pub fn forget(&self, session: &Arc<Session>) {
         session.lock().deleting = true;
@@ -1023,6 +1033,12 @@ impl Refresher {
     ) -> Option<SystemTime> {
         if inner.state != SessionState::Active || inner.deleting || published.ended.is_some() {
             return None;
+        }
+        if inner.pending.is_some() {
+            // A rotation held in memory is written at the next retry, not at
+            // the next planned refresh: until then only this process knows
+            // the session's refresh token.
+            return Some(inner.retry_at.unwrap_or_else(SystemTime::now));
         }
         let policy = &self.shared.policy;
         let token = published

@@ -827,20 +827,14 @@ async fn claim_batch(
         .map(|r| r.generation.min(i64::MAX as u64) as i64)
         .collect();
     context.statements.fetch_add(1, Ordering::Relaxed);
-    let statement = async {
-        let c = match conn {
-            Some(c) => c,
-            None => conn.insert(context.pool.acquire().await?),
-        };
-        sqlx::query(CLAIM)
-            .bind(ids)
-            .bind(generations)
-            .bind(&context.replica)
-            .bind(context.lease_ms)
-            .fetch_all(&mut **c)
-            .await
-    };
-    let outcome = tokio::time::timeout(CLAIM_STATEMENT_TIMEOUT, statement).await;
+    // A kept connection may have died while the database was away: then the
+    // statement fails before it is sent, and runs once more on a new one.
+    let kept = conn.is_some();
+    let mut outcome = run_claim(context, conn, &ids, &generations).await;
+    if kept && matches!(outcome, Ok(Err(ref e)) if !matches!(e, sqlx::Error::Database(_))) {
+        discard(conn);
+        outcome = run_claim(context, conn, &ids, &generations).await;
+    }
     let error = match outcome {
         Ok(Ok(rows)) => {
             answer(context, conn, batch, rows).await;
@@ -864,6 +858,29 @@ async fn claim_batch(
     for request in batch {
         request.reply.send(Err(error.clone())).ok();
     }
+}
+
+/// One claim statement on the batcher's connection (a new one if it has none).
+async fn run_claim(
+    context: &BatchContext,
+    conn: &mut Option<PoolConnection<Postgres>>,
+    ids: &[String],
+    generations: &[i64],
+) -> Result<Result<Vec<sqlx::postgres::PgRow>, sqlx::Error>, tokio::time::error::Elapsed> {
+    let statement = async {
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(context.pool.acquire().await?),
+        };
+        sqlx::query(CLAIM)
+            .bind(ids)
+            .bind(generations)
+            .bind(&context.replica)
+            .bind(context.lease_ms)
+            .fetch_all(&mut **c)
+            .await
+    };
+    tokio::time::timeout(CLAIM_STATEMENT_TIMEOUT, statement).await
 }
 
 /// Closes the batcher's connection (its state is unknown).

@@ -1,7 +1,12 @@
 //! The test harness: a real dev IdP over HTTP and a real tokenbroker gRPC
-//! server, both on 127.0.0.1:0, and a tonic client.
+//! server, both on 127.0.0.1:0, and a tonic client; [`process`] runs the
+//! broker as real `tokenbroker serve` processes instead, and [`pg`] gives a
+//! test a fresh PostgreSQL database.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod pg;
+pub mod process;
 
 use std::sync::Arc;
 use std::time::Duration;
