@@ -189,8 +189,9 @@ fn env_var_of(key: &str) -> String {
 /// A configuration with every optional part filled in and every value
 /// different from the default, so that setting it through the environment is
 /// visible. A new key needs a value here (a test says so).
-// `..Config::default()` is needless today; it keeps this file compiling when
-// a key is added, so that `code_keys` can name the key instead.
+// The `..Default` updates are needless today; they keep this file compiling
+// when a key is added, so that the tests can name the key instead.
+// (`TlsConfig` has no `Default`: a new field of it is a compile error here.)
 #[allow(clippy::needless_update)]
 fn sample() -> Config {
     let provider = ProviderConfig {
@@ -209,6 +210,7 @@ fn sample() -> Config {
         default_access_lifetime_secs: 900,
         default_refresh_lifetime_secs: 3_600,
         max_response_bytes: 65_536,
+        ..ProviderConfig::default()
     };
     Config {
         listen: "127.0.0.2:6001".parse().unwrap(),
@@ -225,6 +227,7 @@ fn sample() -> Config {
             keepalive_lead_secs: 300,
             clock_skew_secs: 10,
             default_min_ttl_secs: 90,
+            ..RefreshConfig::default()
         },
         store: StoreKind::Postgres,
         data_dir: PathBuf::from("/srv/sample"),
@@ -248,12 +251,14 @@ fn sample() -> Config {
             max_streams_per_caller: 7,
             max_streams_per_connection: 9,
             policy_poll_secs: 11,
+            ..AuthConfig::default()
         },
         postgres: PostgresConfig {
             url: Some("postgres://sample@db/sample".into()),
             max_connections: 4,
             lease_secs: 60,
             connect_timeout_ms: 900,
+            ..PostgresConfig::default()
         },
         ..Config::default()
     }
