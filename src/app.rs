@@ -949,7 +949,7 @@ fn print_walkthrough(addr: SocketAddr, idp: &str, settings: &RealmSettings) {
     };
     println!(
         "\ntokenbroker is running in development mode
-  gRPC     {addr}   (every caller is allowed; sessions live in memory)
+  gRPC     {addr}   (every caller is allowed)
   dev IdP  {idp}/realms/{realm}   (access tokens live {life} s; refresh tokens rotate; a replay ends the session)
 
 Try it from another terminal:

@@ -42,6 +42,10 @@ impl ConfigError {
     }
 }
 
+/// `TOKENBROKER_*` variables that belong to command-line flags, not to
+/// config keys (`--config`, and the client commands' `--addr`).
+pub const FLAG_VARIABLES: &[&str] = &["TOKENBROKER_CONFIG", "TOKENBROKER_ADDR"];
+
 /// Where sessions are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -333,7 +337,7 @@ impl Config {
         // like TOML scalars (numbers, booleans), else stay strings.
         let vars: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("TOKENBROKER_"))
+            .filter(|(k, _)| k.starts_with("TOKENBROKER_") && !FLAG_VARIABLES.contains(&k.as_str()))
             .collect();
         for (key, value) in vars {
             let path = key["TOKENBROKER_".len()..]
@@ -807,6 +811,20 @@ mod tests {
 
         config.postgres.url = Some("postgres://tb:hunter2@db/tb".into());
         assert!(!config.redacted_toml().contains("hunter2"));
+    }
+
+    #[test]
+    fn flag_variables_are_not_config_keys() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("TOKENBROKER_CONFIG", "/etc/tokenbroker/config.toml"),
+                ("TOKENBROKER_ADDR", "http://127.0.0.1:50051"),
+                ("TOKENBROKER_LISTEN", "127.0.0.1:6001"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 6001);
     }
 
     #[test]
