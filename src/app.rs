@@ -329,7 +329,6 @@ pub async fn start_with_parts(
     let tls = config.tls.as_ref().map(server_tls).transpose()?;
     let monitored = Arc::new(Monitored::new(store));
     let store_health = monitored.health();
-    let stored = monitored.load_all().await?;
     let store: Arc<dyn SessionStore> = monitored.clone();
 
     let shutdown = CancellationToken::new();
@@ -359,7 +358,17 @@ pub async fn start_with_parts(
         tracker.clone(),
         shutdown.clone(),
     ));
-    let (restored, overdue) = broker.restore(stored);
+    // Page by page: the stored rows of a page are dropped once its sessions
+    // are built, so a large store never sits in memory twice.
+    let (mut restored, mut overdue, mut after) = (0usize, Vec::new(), None);
+    loop {
+        let page = monitored.load_page(after.as_ref(), RESTORE_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        restored += page.len();
+        broker.restore_page(page, &mut overdue);
+    }
+    let overdue = broker.spread_overdue(overdue);
     if let Some(coordinator) = coordinator {
         let (changes, received) = tokio::sync::mpsc::channel(1024);
         let following = shutdown.clone();
@@ -453,6 +462,9 @@ pub async fn start_with_parts(
         policy,
     })
 }
+
+/// Sessions read from the store per page at start.
+const RESTORE_PAGE: usize = 10_000;
 
 /// Applies the shared store's changes to this replica until the feed ends
 /// (at shutdown). A lost listening connection turns health NOT_SERVING until

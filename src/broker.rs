@@ -251,6 +251,14 @@ impl Broker {
     pub fn restore(&self, stored: Vec<StoredSession>) -> (usize, usize) {
         let count = stored.len();
         let mut overdue = Vec::new();
+        self.restore_page(stored, &mut overdue);
+        (count, self.spread_overdue(overdue))
+    }
+
+    /// Brings one page of stored sessions into memory (see
+    /// [`Broker::restore`]); the overdue ones are collected for
+    /// [`Broker::spread_overdue`] once every page is in.
+    pub fn restore_page(&self, stored: Vec<StoredSession>, overdue: &mut Vec<Arc<Session>>) {
         for record in stored {
             self.registered
                 .insert(record.registered_fingerprint, record.id.clone());
@@ -260,6 +268,11 @@ impl Broker {
                 overdue.push(session);
             }
         }
+    }
+
+    /// Spreads the refreshes that fell due while the broker was down over a
+    /// window sized to the rate budget; returns how many there were.
+    pub fn spread_overdue(&self, overdue: Vec<Arc<Session>>) -> usize {
         let per_second = self
             .providers
             .default_provider()
@@ -284,7 +297,7 @@ impl Broker {
                 "refreshes that fell due while stopped are spread out"
             );
         }
-        (count, overdue.len())
+        overdue.len()
     }
 
     /// Registers a session (idempotent for the same id and refresh token).

@@ -850,11 +850,11 @@ impl Refresher {
                     rand::random(),
                 );
                 inner.retry_at = Some(SystemTime::now() + retry);
-                inner.pending = Some(PendingCommit {
+                inner.pending = Some(Box::new(PendingCommit {
                     record,
                     token,
                     expected_generation: expected,
-                });
+                }));
                 warn!(error = %cause, "rotated refresh token not stored yet; holding it in memory");
                 Err(BrokerError::StoreUnavailable { description })
             }

@@ -169,7 +169,7 @@ pub struct SessionInner {
     /// No background retry before this (backoff after a failure).
     pub retry_at: Option<SystemTime>,
     /// A rotation received but not yet stored: written first on the next attempt.
-    pub pending: Option<PendingCommit>,
+    pub pending: Option<Box<PendingCommit>>,
     /// The refresh in flight, if any (single-flight marker).
     pub flight: Option<Flight>,
     /// Refreshes started so far (sequence numbers of flights).

@@ -115,8 +115,22 @@ pub async fn holds(store: &dyn SessionStore, record: &StoredSession) -> bool {
 /// Where sessions live durably. All methods are atomic per session.
 #[async_trait]
 pub trait SessionStore: Send + Sync + std::fmt::Debug {
-    /// Every stored session (at start).
+    /// Every stored session.
     async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError>;
+    /// Up to `limit` sessions with ids after `after`, in id order (at start,
+    /// page by page, so a million sessions never sit in memory twice). The
+    /// default pages through [`SessionStore::load_all`].
+    async fn load_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<StoredSession>, StoreError> {
+        let mut all = self.load_all().await?;
+        all.retain(|s| after.is_none_or(|after| s.id > *after));
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.truncate(limit);
+        Ok(all)
+    }
     /// One stored session.
     async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError>;
     /// Stores a new session, or replaces one whose generation is unchanged.
@@ -257,6 +271,13 @@ impl Monitored {
 impl SessionStore for Monitored {
     async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError> {
         self.inner.load_all().await
+    }
+    async fn load_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<StoredSession>, StoreError> {
+        self.inner.load_page(after, limit).await
     }
     async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
         self.inner.get(id).await

@@ -464,6 +464,33 @@ impl SessionStore for PostgresStore {
         Ok(sessions)
     }
 
+    async fn load_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<StoredSession>, StoreError> {
+        let keys = self.keys();
+        let rows = match after {
+            Some(after) => {
+                sqlx::query("SELECT * FROM sessions WHERE id > $1 ORDER BY id LIMIT $2")
+                    .bind(after.as_str())
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query("SELECT * FROM sessions ORDER BY id LIMIT $1")
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| Columns::read(row)?.decode(&keys))
+            .collect()
+    }
+
     async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
         let keys = self.keys();
         let found = sqlx::query("SELECT * FROM sessions WHERE id = $1")

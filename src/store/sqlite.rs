@@ -273,6 +273,21 @@ impl SessionStore for SqliteStore {
         Ok(sessions)
     }
 
+    async fn load_page(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<StoredSession>, StoreError> {
+        let keys = self.keys();
+        let rows = sqlx::query("SELECT * FROM sessions WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after.map_or("", SessionId::as_str))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(|row| decode(&keys, row)).collect()
+    }
+
     async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
         let keys = self.keys();
         let row = sqlx::query("SELECT * FROM sessions WHERE id = ?")
@@ -477,6 +492,33 @@ mod tests {
             !bytes.windows(sealed.len()).any(|w| w == sealed.as_slice()),
             "secure_delete overwrote the freed row"
         );
+    }
+
+    #[tokio::test]
+    async fn pages_cover_every_row_once_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = KeyRing::generate(KeyId::new("k").unwrap());
+        let store = SqliteStore::open(&dir.path().join(DB_FILE), keys)
+            .await
+            .unwrap();
+        for i in [7, 3, 11, 0, 5, 9, 1] {
+            store
+                .insert(
+                    &session(&format!("s{i:02}"), &format!("r{i}"), 1),
+                    InsertMode::New,
+                )
+                .await
+                .unwrap();
+        }
+        let (mut seen, mut after) = (Vec::new(), None);
+        loop {
+            let page = store.load_page(after.as_ref(), 3).await.unwrap();
+            assert!(page.len() <= 3);
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            seen.extend(page.into_iter().map(|s| s.id.to_string()));
+        }
+        assert_eq!(seen, ["s00", "s01", "s03", "s05", "s07", "s09", "s11"]);
     }
 
     #[tokio::test]
