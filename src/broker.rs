@@ -259,12 +259,15 @@ impl Broker {
     /// [`Broker::restore`]); the overdue ones are collected for
     /// [`Broker::spread_overdue`] once every page is in.
     pub fn restore_page(&self, stored: Vec<StoredSession>, overdue: &mut Vec<Arc<Session>>) {
+        // Overdue sessions are parked an hour out until every page is in and
+        // their real slots are known: the timer must not fire them at once.
+        let parked = SystemTime::now() + Duration::from_secs(3600);
         for record in stored {
             self.registered
                 .insert(record.registered_fingerprint, record.id.clone());
             let session = Arc::new(session_from_record(record));
             self.registry.insert(session.clone());
-            if self.refresher.plan_not_before(&session, None) {
+            if self.refresher.plan_not_before(&session, Some(parked)) {
                 overdue.push(session);
             }
         }

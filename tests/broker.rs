@@ -942,8 +942,23 @@ async fn idle_sessions_cost_only_keep_alive_refreshes() {
         refreshed, 1,
         "one keep-alive refresh, not one per 1 s access token"
     );
-    let info = t.session("pia").await.unwrap();
+    // The IdP counts the refresh before the broker has stored it.
+    let mut info = t.session("pia").await.unwrap();
+    for _ in 0..100 {
+        if info.generation == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        info = t.session("pia").await.unwrap();
+    }
     assert_eq!(info.generation, 2);
+    assert_eq!(
+        t.idp()
+            .family(&login.session_state)
+            .unwrap()
+            .refreshes_succeeded,
+        1
+    );
     assert_eq!(info.state, pb::SessionState::Active as i32);
     t.stop().await;
 }

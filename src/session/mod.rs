@@ -2,7 +2,8 @@
 //! and the registry that holds them all.
 //!
 //! A [`Session`] keeps two things apart:
-//! - the **published** view (`watch` channel of [`Published`]): the current
+//! - the **published** view ([`Published`], lock-free behind an `ArcSwap`,
+//!   plus a `watch` channel made on the first subscription): the current
 //!   access token, the phase, warnings. The hot path and the watch streams read
 //!   only this, without taking the session's mutex;
 //! - the **inner** state ([`SessionInner`], a `std::sync::Mutex`): the refresh
@@ -22,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::oidc::RefreshExpiry;
@@ -118,7 +120,7 @@ pub enum EndReason {
     Deleted,
 }
 
-/// What callers may see of a session: published through a `watch` channel.
+/// What callers may see of a session: read lock-free, streamed to watchers.
 #[derive(Debug, Clone)]
 pub struct Published {
     /// The current access token, if any.
@@ -182,7 +184,11 @@ pub struct SessionInner {
 #[derive(Debug)]
 pub struct Session {
     id: SessionId,
-    published: watch::Sender<Arc<Published>>,
+    /// The current view, read lock-free on the hot path.
+    published: ArcSwap<Published>,
+    /// Wakes watch streams; made on the first subscription, so a session
+    /// nobody watches does not carry a channel (hundreds of bytes).
+    watchers: Mutex<Option<watch::Sender<Arc<Published>>>>,
     inner: Mutex<SessionInner>,
     /// Unix seconds of the last `GetAccessToken`, so idle sessions cost no refreshes.
     last_used: AtomicU64,
@@ -191,10 +197,10 @@ pub struct Session {
 impl Session {
     /// A session with its initial state and published view.
     pub fn new(id: SessionId, inner: SessionInner, published: Published) -> Self {
-        let (tx, _) = watch::channel(Arc::new(published));
         Self {
             id,
-            published: tx,
+            published: ArcSwap::from_pointee(published),
+            watchers: Mutex::new(None),
             inner: Mutex::new(inner),
             last_used: AtomicU64::new(0),
         }
@@ -212,31 +218,59 @@ impl Session {
         &self.id
     }
 
-    /// The published view (cheap: an `Arc` clone under a short read lock).
+    /// The published view (lock-free: an `Arc` clone).
     pub fn published(&self) -> Arc<Published> {
-        self.published.borrow().clone()
+        self.published.load_full()
     }
 
     /// Replaces the published view and wakes every watcher.
     pub fn publish(&self, published: Published) {
-        self.published.send_replace(Arc::new(published));
+        let next = Arc::new(published);
+        // Stored and sent under one lock, so that concurrent publishers
+        // leave watchers on the same (last) view as readers.
+        let watchers = self.watch_lock();
+        self.published.store(next.clone());
+        if let Some(sender) = watchers.as_ref() {
+            sender.send_replace(next);
+        }
     }
 
     /// Changes the published view in place and wakes every watcher.
     pub fn publish_with(&self, change: impl FnOnce(&mut Published)) {
-        let mut next = Published::clone(&self.published.borrow());
+        let watchers = self.watch_lock();
+        let mut next = Published::clone(&self.published.load());
         change(&mut next);
-        self.publish(next);
+        let next = Arc::new(next);
+        self.published.store(next.clone());
+        if let Some(sender) = watchers.as_ref() {
+            sender.send_replace(next);
+        }
     }
 
-    /// A receiver for watch streams.
+    /// A receiver for watch streams (its current view counts as seen).
     pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
-        self.published.subscribe()
+        let mut watchers = self.watch_lock();
+        match watchers.as_ref() {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = watch::channel(self.published.load_full());
+                *watchers = Some(sender);
+                receiver
+            }
+        }
     }
 
     /// Number of open watch streams.
     pub fn watchers(&self) -> usize {
-        self.published.receiver_count()
+        self.watch_lock()
+            .as_ref()
+            .map_or(0, watch::Sender::receiver_count)
+    }
+
+    fn watch_lock(&self) -> MutexGuard<'_, Option<watch::Sender<Arc<Published>>>> {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Locks the inner state. Callers must not hold the guard across `.await`.
