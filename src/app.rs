@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 use tracing::{Instrument as _, info, warn};
 
 use crate::auth::{IdentitySource, Policy, PolicyHandle};
@@ -440,7 +440,7 @@ pub async fn start_with_parts(
         .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
@@ -593,7 +593,10 @@ where
         .map_err(|source| AppError::Bind { addr: at, source })?;
     let server = tonic::transport::Server::builder()
         .add_service(health)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled_owned(),
+        );
     tracker.spawn(async move {
         if let Err(error) = server.await {
             warn!(%error, "health port failed");

@@ -90,7 +90,10 @@ impl Budget {
         Self {
             limits,
             permits: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
-            rate: RateLimiter::direct(Quota::per_second(per_second)),
+            // No burst on top of the rate: GCRA's default burst of `n` would
+            // let 2n refreshes start in the first second after a mass due date;
+            // with a burst of one, no 1-second window holds more than n + 1.
+            rate: RateLimiter::direct(Quota::per_second(per_second).allow_burst(NonZeroU32::MIN)),
             urgent_waiting: AtomicUsize::new(0),
             urgent_drained: Notify::new(),
         }
@@ -201,6 +204,32 @@ mod tests {
             per_second: 10_000,
             max_wait: Duration::from_millis(200),
         }))
+    }
+
+    #[tokio::test]
+    async fn no_burst_above_the_rate() {
+        // 20/s: within 300 ms at most 1 + 0.3 × 20 = 7 refreshes may start
+        // (the default GCRA burst would let 20 through at once).
+        let b = Arc::new(Budget::new(BudgetLimits {
+            max_concurrent: 100,
+            per_second: 20,
+            max_wait: Duration::from_secs(5),
+        }));
+        let started = tokio::time::Instant::now();
+        let mut granted = 0;
+        let _ = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                drop(b.acquire(Priority::Background).await.unwrap());
+                granted += 1;
+            }
+        })
+        .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        assert!(
+            f64::from(granted) <= 1.0 + elapsed * 20.0 + 1.0,
+            "{granted} permits in {elapsed:.3} s at 20/s"
+        );
+        assert!(granted >= 1);
     }
 
     #[tokio::test]
