@@ -17,8 +17,8 @@ use crate::oidc::{self, RefreshExpiry, RejectedTarget};
 use crate::refresh::{self, Priority, Providers, Refresher, Trigger};
 use crate::secret::{AccessToken, RefreshToken};
 use crate::session::{
-    EndReason, ErrorClass, IssuedToken, Labels, Published, Registry, Session, SessionError,
-    SessionId, SessionInner, SessionState,
+    EndReason, IssuedToken, Labels, Published, Registry, Session, SessionError, SessionId,
+    SessionInner, SessionState,
 };
 use crate::store::{Change, InsertMode, SessionStore, StoreError, StoredSession};
 use crate::telemetry::TraceContext;
@@ -1146,58 +1146,8 @@ fn registration_error(provider: &str, error: oidc::RefreshError) -> BrokerError 
 }
 
 fn session_from_record(record: StoredSession) -> Session {
-    let token = record.access_token.map(|t| {
-        Arc::new(IssuedToken {
-            access_token: t.token,
-            expires_at: t.expires_at,
-            issued_at: t.issued_at,
-            scope: t.scope.into(),
-            generation: record.generation,
-        })
-    });
-    let ended = (record.state == SessionState::ReauthRequired).then(|| {
-        EndReason::ReauthenticationRequired(record.last_error.as_ref().map_or_else(
-            || "refresh token rejected".into(),
-            |e| e.description.clone(),
-        ))
-    });
-    let inner = SessionInner {
-        provider: record.provider.into(),
-        labels: record.labels,
-        owner: record.owner.map(Into::into),
-        refresh_token: record.refresh_token,
-        registered_fingerprint: record.registered_fingerprint,
-        refresh_expiry: record.refresh_expiry,
-        longest_refresh_lifetime: record
-            .longest_refresh_lifetime_secs
-            .map(Duration::from_secs),
-        generation: record.generation,
-        state: record.state,
-        created_at: record.created_at,
-        last_refresh_at: record.last_refresh_at,
-        next_refresh_at: None,
-        consecutive_failures: 0,
-        last_error: record
-            .last_error
-            .filter(|e| e.class == ErrorClass::RejectedSession),
-        retry_not_before: None,
-        retry_at: None,
-        pending: None,
-        flight: None,
-        flights_started: 0,
-        deleting: false,
-    };
-    let owner = inner.owner.clone();
-    Session::new(
-        record.id,
-        inner,
-        Published {
-            token: if ended.is_some() { None } else { token },
-            ended,
-            reauth_due_at: record.reauth_due_at,
-            owner,
-        },
-    )
+    let (id, inner, published) = refresh::state_of(record);
+    Session::new(id, inner, published)
 }
 
 #[cfg(test)]

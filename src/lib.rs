@@ -7,9 +7,10 @@
 //! - [`cli`]: the command line: `serve`, `dev-idp` and the client commands.
 //! - [`config`]: typed config from defaults, TOML file, `TOKENBROKER_*` env and flags; validation.
 //! - [`grpc`]: the tonic adapter: the auth gate (identity, policy, stream bounds), validation,
-//!   conversion, the one error-to-status mapping.
+//!   conversion, the one error-to-status mapping, the RPC metrics layer.
 //! - [`broker`]: the use cases: register, get, watch, inspect, list, delete.
-//! - [`session`]: session state, the published view (watch channel), the registry (DashMap).
+//! - [`session`]: session state, the published view (lock-free, with a watch channel made on
+//!   the first subscription), the registry (DashMap).
 //! - [`refresh`]: single-flight refreshes, persist-before-use, backoff, IdP budget, the timer queue;
 //!   [`refresh::timing`] holds the pure timing functions.
 //! - [`oidc`]: the token-endpoint client (the only reqwest user): refresh, logout, classify answers.
@@ -18,7 +19,8 @@
 //! - [`devidp`]: Keycloak-faithful dev IdP with fault injection (tests, `serve --dev`, `dev-idp`).
 //! - [`secret`]: typed secrets (refresh/access tokens, client secrets), redacted and zeroized.
 //! - [`error`]: the transport-neutral error of the use cases.
-//! - [`telemetry`]: logging setup and the shutdown signal.
+//! - [`telemetry`]: logging and optional OTLP trace export, W3C trace context, the signals.
+//! - [`metrics`]: the Prometheus metric names (one list) and the recorder behind `/metrics`.
 //! - [`pb`]: the generated `tokenbroker.v1` contract (from `proto/`).
 
 #![deny(rustdoc::broken_intra_doc_links)]

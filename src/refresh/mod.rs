@@ -236,6 +236,62 @@ pub fn record_of(
     }
 }
 
+/// The in-memory state of a stored session (the inverse of [`record_of`]):
+/// its id, inner state with no failure bookkeeping or flight, and the view
+/// callers see (no token once it has ended).
+pub fn state_of(record: StoredSession) -> (SessionId, SessionInner, Published) {
+    let last_error = record
+        .last_error
+        .filter(|e| e.class == ErrorClass::RejectedSession);
+    let ended = (record.state == SessionState::ReauthRequired).then(|| {
+        EndReason::ReauthenticationRequired(last_error.as_ref().map_or_else(
+            || "refresh token rejected".into(),
+            |e| e.description.clone(),
+        ))
+    });
+    let token = record.access_token.filter(|_| ended.is_none()).map(|t| {
+        Arc::new(IssuedToken {
+            access_token: t.token,
+            expires_at: t.expires_at,
+            issued_at: t.issued_at,
+            scope: t.scope.into(),
+            generation: record.generation,
+        })
+    });
+    let owner: Option<Arc<str>> = record.owner.map(Into::into);
+    let inner = SessionInner {
+        provider: record.provider.into(),
+        labels: record.labels,
+        owner: owner.clone(),
+        refresh_token: record.refresh_token,
+        registered_fingerprint: record.registered_fingerprint,
+        refresh_expiry: record.refresh_expiry,
+        longest_refresh_lifetime: record
+            .longest_refresh_lifetime_secs
+            .map(Duration::from_secs),
+        generation: record.generation,
+        state: record.state,
+        created_at: record.created_at,
+        last_refresh_at: record.last_refresh_at,
+        next_refresh_at: None,
+        consecutive_failures: 0,
+        last_error,
+        retry_not_before: None,
+        retry_at: None,
+        pending: None,
+        flight: None,
+        flights_started: 0,
+        deleting: false,
+    };
+    let published = Published {
+        token,
+        ended,
+        reauth_due_at: record.reauth_due_at,
+        owner,
+    };
+    (record.id, inner, published)
+}
+
 /// The refresh engine. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Refresher {
@@ -656,52 +712,17 @@ impl Refresher {
         if !newer || inner.deleting {
             return false;
         }
-        // A rotation of ours that never got stored is superseded: the
-        // stored lineage wins, and ours is never presented.
-        inner.pending = None;
-        inner.provider = record.provider.as_str().into();
-        inner.labels = record.labels;
-        inner.owner = record.owner.map(Into::into);
-        inner.refresh_token = record.refresh_token;
-        inner.registered_fingerprint = record.registered_fingerprint;
-        inner.refresh_expiry = record.refresh_expiry;
-        inner.longest_refresh_lifetime = record
-            .longest_refresh_lifetime_secs
-            .map(Duration::from_secs);
-        inner.generation = record.generation;
-        inner.state = record.state;
-        inner.created_at = record.created_at;
-        inner.last_refresh_at = record.last_refresh_at;
-        inner.consecutive_failures = 0;
-        inner.last_error = record
-            .last_error
-            .filter(|e| e.class == ErrorClass::RejectedSession);
-        inner.retry_not_before = None;
-        inner.retry_at = None;
-        let ended = (record.state == SessionState::ReauthRequired).then(|| {
-            EndReason::ReauthenticationRequired(inner.last_error.as_ref().map_or_else(
-                || "refresh token rejected".into(),
-                |e| e.description.clone(),
-            ))
-        });
-        let token = record.access_token.map(|t| {
-            Arc::new(IssuedToken {
-                access_token: t.token,
-                expires_at: t.expires_at,
-                issued_at: t.issued_at,
-                scope: t.scope.into(),
-                generation: record.generation,
-            })
-        });
-        let owner = inner.owner.clone();
-        session.publish_with(|p| {
-            p.token = if ended.is_some() { None } else { token };
-            p.ended = ended;
-            p.reauth_due_at = record.reauth_due_at;
-            p.owner = owner;
-        });
+        // The stored version replaces ours whole — a rotation of ours that
+        // never got stored included: the stored lineage wins, and ours is
+        // never presented. Only the flight marker stays with the session.
+        let generation = record.generation;
+        let (_, mut fresh, published) = state_of(record);
+        fresh.flight = inner.flight.take();
+        fresh.flights_started = inner.flights_started;
+        *inner = fresh;
+        session.publish(published);
         drop(inner);
-        debug!(session_id = %session.id(), generation = record.generation, "adopted the stored session");
+        debug!(session_id = %session.id(), generation, "adopted the stored session");
         self.plan(session);
         true
     }
