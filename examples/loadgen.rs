@@ -25,6 +25,11 @@
     dead_code
 )]
 
+// The baseline server is this binary re-executed: it uses the broker's
+// allocator, so the ratio compares the work done, not two allocators.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -1443,6 +1448,13 @@ pub fn entry(args: Vec<String>, default_broker_bin: Option<&str>) {
     }
     if opts.scenario == "serve-baseline" {
         serve_baseline();
+        return;
+    }
+    // `loadgen hot --help` prints the flags rather than running the scenario.
+    if ["help", "-h", "h"].iter().any(|k| opts.kv.contains_key(*k))
+        || matches!(opts.scenario.as_str(), "--help" | "-h")
+    {
+        println!("{HELP}");
         return;
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();

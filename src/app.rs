@@ -21,7 +21,7 @@ use crate::grpc::TokenBrokerService;
 use crate::grpc::gate::Gate;
 use crate::oidc::TokenClient;
 use crate::refresh::{Budget, Provider, Providers, Refresher, scheduler_channel};
-use crate::session::Registry;
+use crate::session::{Registry, SessionId};
 use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::seal::KeyRing;
 use crate::store::{
@@ -360,11 +360,22 @@ pub async fn start_with_parts(
     ));
     // Page by page: the stored rows of a page are dropped once its sessions
     // are built, so a large store never sits in memory twice.
-    let (mut restored, mut overdue, mut after) = (0usize, Vec::new(), None);
+    // The next page is read and unsealed while this one is built.
+    let (mut restored, mut overdue) = (0usize, Vec::new());
+    let fetch = |after: Option<SessionId>| {
+        let store = monitored.clone();
+        // Aborted if start-up fails before it is awaited.
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            store.load_page(after.as_ref(), RESTORE_PAGE).await
+        }))
+    };
+    let mut next = fetch(None);
     loop {
-        let page = monitored.load_page(after.as_ref(), RESTORE_PAGE).await?;
+        let page = next
+            .await
+            .map_err(|e| StoreError::Backend(format!("loading sessions: {e}")))??;
         let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
+        next = fetch(Some(last.id.clone()));
         restored += page.len();
         broker.restore_page(page, &mut overdue);
     }
@@ -395,6 +406,8 @@ pub async fn start_with_parts(
             shutdown.clone(),
         ));
     }
+    // Installed before the service and layer take their metric handles.
+    let metrics = crate::metrics::install();
     let service =
         TokenBrokerService::new(broker.clone(), gate, config.max_message_bytes).into_server();
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -410,7 +423,6 @@ pub async fn start_with_parts(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| AppError::Server(format!("reflection: {e}")))?;
-    let metrics = crate::metrics::install();
     let admin_addr = match (config.admin_listen, metrics) {
         (Some(at), Some(metrics)) => {
             Some(spawn_admin(at, metrics, broker.clone(), &tracker, shutdown.clone()).await?)
@@ -429,7 +441,7 @@ pub async fn start_with_parts(
     };
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(config.auth.max_streams_per_connection)
-        .layer(crate::grpc::observe::RpcMetricsLayer);
+        .layer(crate::grpc::observe::RpcMetricsLayer::new());
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)

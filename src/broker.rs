@@ -17,8 +17,8 @@ use crate::oidc::{self, RefreshExpiry, RejectedTarget};
 use crate::refresh::{self, Priority, Providers, Refresher, Trigger};
 use crate::secret::{AccessToken, RefreshToken};
 use crate::session::{
-    EndReason, IssuedToken, Labels, Published, Registry, Session, SessionError, SessionId,
-    SessionInner, SessionState,
+    EndReason, IssuedToken, LabelSet, Labels, Published, Registry, Session, SessionError,
+    SessionId, SessionInner, SessionState, intern,
 };
 use crate::store::{Change, InsertMode, SessionStore, StoreError, StoredSession};
 use crate::telemetry::TraceContext;
@@ -164,7 +164,7 @@ pub struct Broker {
     reservations: DashMap<ReservationKey, watch::Receiver<()>>,
     held_grants: DashMap<(Arc<str>, [u8; 32]), HeldGrant>,
     /// Which session each registered refresh token (by fingerprint) belongs to.
-    registered: DashMap<[u8; 32], SessionId>,
+    registered: TokenIndex,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -210,7 +210,7 @@ impl Broker {
             settings,
             reservations: DashMap::new(),
             held_grants: DashMap::new(),
-            registered: DashMap::new(),
+            registered: TokenIndex::default(),
             tracker,
             shutdown,
         }
@@ -372,10 +372,7 @@ impl Broker {
         // The same login already registered under another id (e.g. a retry
         // of a registration that let the broker pick the id): presenting its
         // token again would be a replay.
-        let other = self
-            .registered
-            .get(&fingerprint)
-            .map(|entry| entry.value().clone());
+        let other = self.registered.get(&fingerprint);
         if let Some(other) = other.filter(|other| *other != id) {
             return match (&request.session_id, self.registry.get(&other)) {
                 (None, Some(session)) => {
@@ -401,7 +398,7 @@ impl Broker {
                 access_token: grant.access_token.clone(),
                 expires_at: grant.expires_at,
                 issued_at: grant.sent_at,
-                scope: grant.scope.as_str().into(),
+                scope: intern(&grant.scope),
                 generation: 0,
             };
             let refresh_token = grant.refresh_token.clone().unwrap_or(presented);
@@ -426,7 +423,7 @@ impl Broker {
                     access_token: initial.access_token,
                     expires_at,
                     issued_at: now,
-                    scope: initial.scope.into(),
+                    scope: intern(&initial.scope),
                     generation: 0,
                 };
                 (request.refresh_token, token, refresh_expiry, None)
@@ -444,7 +441,7 @@ impl Broker {
         };
         let fresh = |generation: u64| SessionInner {
             provider: provider.name.clone(),
-            labels: request.labels.clone(),
+            labels: LabelSet::from_map(&request.labels),
             owner: request.owner.clone(),
             refresh_token: refresh_token.clone(),
             registered_fingerprint: fingerprint,
@@ -455,11 +452,7 @@ impl Broker {
             created_at: now,
             last_refresh_at: grant.as_ref().map(|g| g.sent_at),
             next_refresh_at: None,
-            consecutive_failures: 0,
-            last_error: None,
-            retry_not_before: None,
-            retry_at: None,
-            pending: None,
+            trouble: None,
             flight: None,
             flights_started: 0,
             deleting: false,
@@ -559,8 +552,7 @@ impl Broker {
                 owner: current.owner.clone(),
             });
         }
-        self.registered
-            .remove_if(&old_fingerprint, |_, owner| *owner == id);
+        self.registered.remove_if_owned(&old_fingerprint, &id);
         self.registered.insert(fingerprint, id.clone());
         slot.finish(Ok(token));
         info!(session_id = %id, provider = %provider.name, "session replaced");
@@ -671,7 +663,7 @@ impl Broker {
             Some(session) => {
                 let old = session.lock().registered_fingerprint;
                 if self.refresher.adopt(&session, record) && old != fingerprint {
-                    self.registered.remove_if(&old, |_, owner| *owner == id);
+                    self.registered.remove_if_owned(&old, &id);
                     self.registered.insert(fingerprint, id);
                 }
             }
@@ -689,8 +681,7 @@ impl Broker {
     /// Drops a session that another replica deleted.
     fn forget(&self, session: &Arc<Session>) {
         let fingerprint = session.lock().registered_fingerprint;
-        self.registered
-            .remove_if(&fingerprint, |_, owner| owner == session.id());
+        self.registered.remove_if_owned(&fingerprint, session.id());
         self.refresher.forget(session);
     }
 
@@ -835,6 +826,24 @@ impl Broker {
         Ok(token)
     }
 
+    /// The session's current token if it stays valid for `min_ttl` (the
+    /// default when `None`), counting as a use; `None` for anything else
+    /// (unknown, ended, due for a refresh), which [`Broker::get_token`]
+    /// then answers. No lock, no allocation: the hot path.
+    pub fn cached_token(&self, id: &str, min_ttl: Option<Duration>) -> Option<Arc<IssuedToken>> {
+        let session = self.registry.get(id)?;
+        let now = SystemTime::now();
+        let published = session.published();
+        let token = published.token.as_ref()?;
+        if published.ended.is_some()
+            || !token.valid_for(now, min_ttl.unwrap_or(self.settings.default_min_ttl))
+        {
+            return None;
+        }
+        session.touch(crate::session::unix_secs(now));
+        Some(token.clone())
+    }
+
     /// A stream of the session's tokens and events.
     pub fn watch(&self, id: &SessionId) -> Result<TokenWatch, BrokerError> {
         let session = self.registry.get(id).ok_or(BrokerError::SessionNotFound)?;
@@ -897,10 +906,7 @@ impl Broker {
                 let inner = session.lock();
                 if query.state.is_some_and(|s| s != inner.state)
                     || !visible(session.id(), inner.owner.as_deref())
-                    || !query
-                        .labels
-                        .iter()
-                        .all(|(k, v)| inner.labels.get(k) == Some(v))
+                    || !inner.labels.matches(&query.labels)
                 {
                     continue;
                 }
@@ -965,8 +971,7 @@ impl Broker {
             inner.deleting = true;
             inner.registered_fingerprint
         };
-        self.registered
-            .remove_if(&fingerprint, |_, owner| owner == id);
+        self.registered.remove_if_owned(&fingerprint, id);
         self.registry.remove_exact(&session);
         self.refresher.plan(&session); // deleting: cancels the timer
         session.publish_with(|p| {
@@ -990,9 +995,9 @@ impl Broker {
             generation: inner.generation,
             last_refresh_at: inner.last_refresh_at,
             next_refresh_at: inner.next_refresh_at,
-            consecutive_failures: inner.consecutive_failures,
-            last_error: inner.last_error.clone(),
-            labels: inner.labels.clone(),
+            consecutive_failures: inner.trouble().consecutive_failures,
+            last_error: inner.trouble().last_error.clone(),
+            labels: inner.labels.to_map(),
             created_at: inner.created_at,
             reauth_due_at: published.reauth_due_at,
         }
@@ -1142,6 +1147,37 @@ fn registration_error(provider: &str, error: oidc::RefreshError) -> BrokerError 
             description: error.to_string(),
             retry_after: error.retry_after().unwrap_or(Duration::from_secs(1)),
         },
+    }
+}
+
+/// Which session each registered refresh token belongs to, by the first
+/// 128 bits of its SHA-256 fingerprint: a collision is out of reach even for
+/// billions of tokens, and each session carries 16 bytes less than with the
+/// whole hash.
+#[derive(Debug, Default)]
+struct TokenIndex(DashMap<[u8; 16], SessionId, foldhash::fast::RandomState>);
+
+impl TokenIndex {
+    fn key(fingerprint: &[u8; 32]) -> [u8; 16] {
+        let mut key = [0; 16];
+        key.copy_from_slice(&fingerprint[..16]);
+        key
+    }
+
+    fn insert(&self, fingerprint: [u8; 32], id: SessionId) {
+        self.0.insert(Self::key(&fingerprint), id);
+    }
+
+    fn get(&self, fingerprint: &[u8; 32]) -> Option<SessionId> {
+        self.0
+            .get(&Self::key(fingerprint))
+            .map(|entry| entry.value().clone())
+    }
+
+    /// Forgets the token if it is still `id`'s.
+    fn remove_if_owned(&self, fingerprint: &[u8; 32], id: &SessionId) {
+        self.0
+            .remove_if(&Self::key(fingerprint), |_, owner| owner == id);
     }
 }
 

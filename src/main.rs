@@ -7,6 +7,10 @@ use clap::Parser as _;
 use tokenbroker::cli::{Cli, Command};
 use tokenbroker::{app, cli, telemetry};
 
+// See Cargo.toml: measured in BENCHMARKS.md (restart, memory, hot path).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -45,8 +45,8 @@ use crate::error::BrokerError;
 use crate::oidc::{RefreshError, RefreshExpiry, RejectedTarget, TokenClient, TokenGrant};
 use crate::secret::RefreshToken;
 use crate::session::{
-    EndReason, ErrorClass, IssuedToken, Published, Registry, Session, SessionError, SessionId,
-    SessionInner, SessionState, unix_secs,
+    EndReason, ErrorClass, IssuedToken, LabelSet, Published, Registry, Session, SessionError,
+    SessionId, SessionInner, SessionState, Trouble, intern, unix_secs,
 };
 use crate::store::{
     Claim, Coordinator, SessionStore, StoreError, StoredAccessToken, StoredSession,
@@ -215,7 +215,7 @@ pub fn record_of(
     StoredSession {
         id: id.clone(),
         provider: inner.provider.to_string(),
-        labels: inner.labels.clone(),
+        labels: inner.labels.to_map(),
         owner: inner.owner.as_deref().map(str::to_owned),
         refresh_token: inner.refresh_token.clone(),
         registered_fingerprint: inner.registered_fingerprint,
@@ -229,7 +229,7 @@ pub fn record_of(
         longest_refresh_lifetime_secs: inner.longest_refresh_lifetime.map(|d| d.as_secs()),
         generation: inner.generation,
         state: inner.state,
-        last_error: inner.last_error.clone(),
+        last_error: inner.trouble().last_error.clone(),
         created_at: inner.created_at,
         last_refresh_at: inner.last_refresh_at,
         reauth_due_at,
@@ -254,14 +254,14 @@ pub fn state_of(record: StoredSession) -> (SessionId, SessionInner, Published) {
             access_token: t.token,
             expires_at: t.expires_at,
             issued_at: t.issued_at,
-            scope: t.scope.into(),
+            scope: intern(&t.scope),
             generation: record.generation,
         })
     });
     let owner: Option<Arc<str>> = record.owner.map(Into::into);
     let inner = SessionInner {
-        provider: record.provider.into(),
-        labels: record.labels,
+        provider: intern(&record.provider),
+        labels: LabelSet::from_map(&record.labels),
         owner: owner.clone(),
         refresh_token: record.refresh_token,
         registered_fingerprint: record.registered_fingerprint,
@@ -274,11 +274,12 @@ pub fn state_of(record: StoredSession) -> (SessionId, SessionInner, Published) {
         created_at: record.created_at,
         last_refresh_at: record.last_refresh_at,
         next_refresh_at: None,
-        consecutive_failures: 0,
-        last_error,
-        retry_not_before: None,
-        retry_at: None,
-        pending: None,
+        trouble: last_error.map(|error| {
+            Box::new(Trouble {
+                last_error: Some(error),
+                ..Trouble::default()
+            })
+        }),
         flight: None,
         flights_started: 0,
         deleting: false,
@@ -428,6 +429,7 @@ impl Refresher {
         }
         if trigger.priority() == Priority::Urgent
             && let Some(wait) = inner
+                .trouble()
                 .retry_not_before
                 .and_then(|at| at.duration_since(now).ok())
         {
@@ -477,8 +479,8 @@ impl Refresher {
                         // Every failure waits before the next background attempt,
                         // whatever path it took: no hot loop.
                         let floor = SystemTime::now() + this.shared.policy.backoff_base;
-                        if inner.retry_at.is_none_or(|at| at < floor) {
-                            inner.retry_at = Some(floor);
+                        if inner.trouble().retry_at.is_none_or(|at| at < floor) {
+                            inner.trouble_mut().retry_at = Some(floor);
                         }
                     }
                 }
@@ -599,7 +601,7 @@ impl Refresher {
                         // Background work: the holder's new generation
                         // arrives by notification; look again once its
                         // lease would have lapsed.
-                        session.lock().retry_at =
+                        session.lock().trouble_mut().retry_at =
                             Some(SystemTime::now() + remaining + Duration::from_secs(1));
                         return current_or_retry(session, StoreError::Conflict);
                     }
@@ -671,7 +673,7 @@ impl Refresher {
         .increment(1);
         if let Some(coordinator) = leased
             && result.is_err()
-            && session.lock().pending.is_none()
+            && session.lock().trouble().pending.is_none()
         {
             // No new generation was written (a write ends the lease by
             // itself): let another replica try. A rotation held in memory
@@ -730,10 +732,10 @@ impl Refresher {
     /// Retries the store write of a held rotation now (the store is back).
     pub fn settle_soon(&self, session: &Arc<Session>) {
         let mut inner = session.lock();
-        if inner.pending.is_none() || inner.flight.is_some() {
+        if inner.trouble().pending.is_none() || inner.flight.is_some() {
             return;
         }
-        inner.retry_at = None;
+        inner.trouble_mut().retry_at = None;
         self.launch(session, inner, Trigger::KeepAlive, None);
     }
 
@@ -760,7 +762,7 @@ impl Refresher {
             access_token: grant.access_token,
             expires_at: grant.expires_at,
             issued_at: grant.sent_at,
-            scope: grant.scope.into(),
+            scope: intern(&grant.scope),
             generation,
         });
         let record = {
@@ -828,11 +830,7 @@ impl Refresher {
                     .longest_refresh_lifetime_secs
                     .map(Duration::from_secs);
                 inner.last_refresh_at = record.last_refresh_at;
-                inner.consecutive_failures = 0;
-                inner.last_error = None;
-                inner.retry_not_before = None;
-                inner.retry_at = None;
-                inner.pending = None;
+                inner.clear_trouble();
                 let reauth_due_at = record.reauth_due_at;
                 session.publish_with(|p| {
                     p.token = Some(token.clone());
@@ -844,7 +842,7 @@ impl Refresher {
             }
             Err(error @ (StoreError::Conflict | StoreError::NotFound)) => {
                 warn!(%error, "the stored session changed under the refresh; result dropped");
-                session.lock().pending = None;
+                session.lock().drop_pending();
                 current_or_retry(session, error)
             }
             Err(StoreError::Backend(cause)) => {
@@ -857,21 +855,21 @@ impl Refresher {
                 // presented again, so the new one becomes the current one now,
                 // and its access token waits until the write succeeds.
                 inner.refresh_token = record.refresh_token.clone();
-                inner.consecutive_failures += 1;
+                inner.trouble_mut().consecutive_failures += 1;
                 let description = format!("refresh could not be stored: {cause}");
-                inner.last_error = Some(SessionError {
+                inner.trouble_mut().last_error = Some(SessionError {
                     class: ErrorClass::Store,
                     description: description.clone(),
                     at: SystemTime::now(),
                 });
                 let retry = timing::backoff(
-                    inner.consecutive_failures,
+                    inner.trouble().consecutive_failures,
                     self.shared.policy.backoff_base,
                     self.shared.policy.on_demand_backoff_cap,
                     rand::random(),
                 );
-                inner.retry_at = Some(SystemTime::now() + retry);
-                inner.pending = Some(Box::new(PendingCommit {
+                inner.trouble_mut().retry_at = Some(SystemTime::now() + retry);
+                inner.trouble_mut().pending = Some(Box::new(PendingCommit {
                     record,
                     token,
                     expected_generation: expected,
@@ -894,7 +892,7 @@ impl Refresher {
         &self,
         session: &Arc<Session>,
     ) -> Result<Option<Arc<IssuedToken>>, BrokerError> {
-        let Some(pending) = session.lock().pending.clone() else {
+        let Some(pending) = session.lock().trouble().pending.clone() else {
             return Ok(None);
         };
         let token = self
@@ -927,9 +925,9 @@ impl Refresher {
         let jitter: f64 = rand::random();
         let (failures, for_callers) = {
             let mut inner = session.lock();
-            inner.consecutive_failures += 1;
-            let failures = inner.consecutive_failures;
-            inner.last_error = Some(SessionError {
+            inner.trouble_mut().consecutive_failures += 1;
+            let failures = inner.trouble().consecutive_failures;
+            inner.trouble_mut().last_error = Some(SessionError {
                 class,
                 description: error.to_string(),
                 at: now,
@@ -950,8 +948,8 @@ impl Refresher {
                     jitter,
                 )
             });
-            inner.retry_at = Some(now + background);
-            inner.retry_not_before = Some(now + for_callers);
+            inner.trouble_mut().retry_at = Some(now + background);
+            inner.trouble_mut().retry_not_before = Some(now + for_callers);
             (failures, for_callers)
         };
         warn!(provider = %provider.name, class = ?class, %error, failures, "refresh failed");
@@ -1001,7 +999,7 @@ impl Refresher {
         {
             let mut inner = session.lock();
             inner.state = SessionState::ReauthRequired;
-            inner.last_error = Some(error);
+            inner.trouble_mut().last_error = Some(error);
             inner.next_refresh_at = None;
         }
         warn!(reason = %description, "session needs re-authentication");
@@ -1055,11 +1053,11 @@ impl Refresher {
         if inner.state != SessionState::Active || inner.deleting || published.ended.is_some() {
             return None;
         }
-        if inner.pending.is_some() {
+        if inner.trouble().pending.is_some() {
             // A rotation held in memory is written at the next retry, not at
             // the next planned refresh: until then only this process knows
             // the session's refresh token.
-            return Some(inner.retry_at.unwrap_or_else(SystemTime::now));
+            return Some(inner.trouble().retry_at.unwrap_or_else(SystemTime::now));
         }
         let policy = &self.shared.policy;
         let token = published
@@ -1092,7 +1090,7 @@ impl Refresher {
                 jitter,
             ),
         };
-        match (planned, inner.retry_at) {
+        match (planned, inner.trouble().retry_at) {
             (Some(planned), Some(retry)) => Some(planned.max(retry)),
             (planned, _) => planned,
         }
@@ -1152,7 +1150,7 @@ impl Refresher {
 
 fn reauth_error(inner: &SessionInner) -> BrokerError {
     BrokerError::ReauthenticationRequired {
-        description: inner.last_error.as_ref().map_or_else(
+        description: inner.trouble().last_error.as_ref().map_or_else(
             || "refresh token rejected".to_string(),
             |e| e.description.clone(),
         ),
@@ -1160,7 +1158,7 @@ fn reauth_error(inner: &SessionInner) -> BrokerError {
 }
 
 fn unavailable(inner: &SessionInner, retry_after: Duration) -> BrokerError {
-    if let Some(error) = &inner.last_error
+    if let Some(error) = &inner.trouble().last_error
         && error.class == ErrorClass::RejectedConfig
     {
         return BrokerError::ProviderMisconfigured {
@@ -1170,7 +1168,7 @@ fn unavailable(inner: &SessionInner, retry_after: Duration) -> BrokerError {
     }
     BrokerError::ProviderUnavailable {
         provider: inner.provider.to_string(),
-        description: inner.last_error.as_ref().map_or_else(
+        description: inner.trouble().last_error.as_ref().map_or_else(
             || "provider unavailable".to_string(),
             |e| e.description.clone(),
         ),

@@ -76,7 +76,8 @@ impl SchedulerTask {
     /// session whose time has come.
     pub async fn run(mut self, shutdown: CancellationToken, due: impl Fn(SessionId)) {
         let mut queue: DelayQueue<SessionId> = DelayQueue::new();
-        let mut keys: HashMap<SessionId, delay_queue::Key> = HashMap::new();
+        let mut keys: HashMap<SessionId, delay_queue::Key, foldhash::fast::RandomState> =
+            HashMap::default();
         loop {
             tokio::select! {
                 biased;

@@ -11,12 +11,14 @@
 //!   It is locked for short, synchronous sections only — never across `.await`.
 
 mod id;
+mod labels;
 mod registry;
 
 pub use id::{
     Labels, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_SESSION_ID_LEN, SessionId,
     validate_labels,
 };
+pub use labels::{LabelSet, intern};
 pub use registry::Registry;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,8 +141,8 @@ pub struct Published {
 pub struct SessionInner {
     /// Provider name (a key of the configured providers).
     pub provider: Arc<str>,
-    /// Caller labels.
-    pub labels: Labels,
+    /// Caller labels (compact: one buffer).
+    pub labels: LabelSet,
     /// The caller identity that registered it (policy `owner_only`).
     pub owner: Option<Arc<str>>,
     /// The newest refresh token received; the only one that may be presented.
@@ -162,6 +164,20 @@ pub struct SessionInner {
     pub last_refresh_at: Option<SystemTime>,
     /// The next planned refresh (for inspection).
     pub next_refresh_at: Option<SystemTime>,
+    /// Failure bookkeeping, out of line: most sessions never fail, so
+    /// most carry only an empty pointer here.
+    pub trouble: Option<Box<Trouble>>,
+    /// The refresh in flight, if any (single-flight marker).
+    pub flight: Option<Flight>,
+    /// Refreshes started so far (sequence numbers of flights).
+    pub flights_started: u64,
+    /// Set by delete: no refresh may start any more.
+    pub deleting: bool,
+}
+
+/// What a session remembers of failed refreshes until one succeeds.
+#[derive(Debug, Default)]
+pub struct Trouble {
     /// Failed refreshes since the last success.
     pub consecutive_failures: u32,
     /// The last failure.
@@ -172,12 +188,38 @@ pub struct SessionInner {
     pub retry_at: Option<SystemTime>,
     /// A rotation received but not yet stored: written first on the next attempt.
     pub pending: Option<Box<PendingCommit>>,
-    /// The refresh in flight, if any (single-flight marker).
-    pub flight: Option<Flight>,
-    /// Refreshes started so far (sequence numbers of flights).
-    pub flights_started: u64,
-    /// Set by delete: no refresh may start any more.
-    pub deleting: bool,
+}
+
+static NO_TROUBLE: Trouble = Trouble {
+    consecutive_failures: 0,
+    last_error: None,
+    retry_not_before: None,
+    retry_at: None,
+    pending: None,
+};
+
+impl SessionInner {
+    /// The failure bookkeeping (all clear when there is none).
+    pub fn trouble(&self) -> &Trouble {
+        self.trouble.as_deref().unwrap_or(&NO_TROUBLE)
+    }
+
+    /// The failure bookkeeping, made on first use.
+    pub fn trouble_mut(&mut self) -> &mut Trouble {
+        self.trouble.get_or_insert_with(Box::default)
+    }
+
+    /// Forgets every failure (after a success).
+    pub fn clear_trouble(&mut self) {
+        self.trouble = None;
+    }
+
+    /// Drops a held rotation, if any.
+    pub fn drop_pending(&mut self) {
+        if let Some(trouble) = self.trouble.as_mut() {
+            trouble.pending = None;
+        }
+    }
 }
 
 /// One registered login.
@@ -301,4 +343,48 @@ pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every session carries these bytes (a million sessions: a million
+    /// times); BENCHMARKS.md has the per-session budget this is part of.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_fixed_part_of_a_session_stays_small() {
+        use std::mem::size_of;
+        assert!(
+            size_of::<Session>() <= 296,
+            "Session is {} bytes (SessionInner {}): keep rarely used state out of line",
+            size_of::<Session>(),
+            size_of::<SessionInner>()
+        );
+        assert!(
+            size_of::<Published>() <= 64,
+            "Published is {}",
+            size_of::<Published>()
+        );
+        assert!(
+            size_of::<IssuedToken>() <= 72,
+            "IssuedToken is {}",
+            size_of::<IssuedToken>()
+        );
+    }
+
+    #[test]
+    fn trouble_is_made_on_first_failure_and_cleared_by_success() {
+        let mut inner = crate::refresh::state_of(crate::store::row::sample("tenant/a", "rt", 1)).1;
+        assert!(
+            inner.trouble.is_none(),
+            "a stored active session has no trouble"
+        );
+        assert_eq!(inner.trouble().consecutive_failures, 0);
+        inner.trouble_mut().consecutive_failures += 1;
+        assert!(inner.trouble.is_some());
+        inner.drop_pending();
+        assert_eq!(inner.trouble().consecutive_failures, 1);
+        inner.clear_trouble();
+        assert!(inner.trouble.is_none());
+    }
 }

@@ -10,7 +10,9 @@ use super::{Session, SessionId};
 /// guard at once, so no guard ever lives across an `.await`.
 #[derive(Debug, Default)]
 pub struct Registry {
-    sessions: DashMap<SessionId, Arc<Session>>,
+    /// foldhash, keyed per process: ids are caller-chosen, and SipHash was
+    /// a visible part of every lookup.
+    sessions: DashMap<SessionId, Arc<Session>, foldhash::fast::RandomState>,
 }
 
 impl Registry {

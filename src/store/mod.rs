@@ -9,7 +9,7 @@
 
 mod memory;
 pub mod postgres;
-mod row;
+pub(crate) mod row;
 pub mod seal;
 pub mod sqlite;
 

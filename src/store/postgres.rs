@@ -486,9 +486,7 @@ impl SessionStore for PostgresStore {
             }
         }
         .map_err(backend)?;
-        rows.iter()
-            .map(|row| Columns::read(row)?.decode(&keys))
-            .collect()
+        row::decode_page(&keys, rows).await
     }
 
     async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {

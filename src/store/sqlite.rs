@@ -285,7 +285,7 @@ impl SessionStore for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
-        rows.iter().map(|row| decode(&keys, row)).collect()
+        row::decode_page(&keys, rows).await
     }
 
     async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
