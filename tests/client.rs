@@ -609,3 +609,96 @@ async fn the_bearer_adapters_put_the_current_token_on_outgoing_calls() {
     server.abort();
     t.stop().await;
 }
+
+/// Stands in for a proxy that ends every server stream at once (as a mesh
+/// with a short stream timeout might) and forwards `GetAccessToken` to the
+/// real broker. Counts the streams it ended.
+#[derive(Clone)]
+struct StreamBreaker {
+    broker: pb::token_broker_client::TokenBrokerClient<tonic::transport::Channel>,
+    watches: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl pb::token_broker_server::TokenBroker for StreamBreaker {
+    async fn register_session(
+        &self,
+        _: tonic::Request<pb::RegisterSessionRequest>,
+    ) -> Result<tonic::Response<pb::RegisterSessionResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not forwarded"))
+    }
+    async fn get_access_token(
+        &self,
+        request: tonic::Request<pb::GetAccessTokenRequest>,
+    ) -> Result<tonic::Response<pb::GetAccessTokenResponse>, tonic::Status> {
+        self.broker
+            .clone()
+            .get_access_token(request.into_inner())
+            .await
+    }
+    type WatchTokenStream = futures::stream::Empty<Result<pb::WatchTokenResponse, tonic::Status>>;
+    async fn watch_token(
+        &self,
+        _: tonic::Request<pb::WatchTokenRequest>,
+    ) -> Result<tonic::Response<Self::WatchTokenStream>, tonic::Status> {
+        self.watches.fetch_add(1, SeqCst);
+        Ok(tonic::Response::new(futures::stream::empty()))
+    }
+    async fn get_session(
+        &self,
+        _: tonic::Request<pb::GetSessionRequest>,
+    ) -> Result<tonic::Response<pb::GetSessionResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not forwarded"))
+    }
+    async fn list_sessions(
+        &self,
+        _: tonic::Request<pb::ListSessionsRequest>,
+    ) -> Result<tonic::Response<pb::ListSessionsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not forwarded"))
+    }
+    async fn delete_session(
+        &self,
+        _: tonic::Request<pb::DeleteSessionRequest>,
+    ) -> Result<tonic::Response<pb::DeleteSessionResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not forwarded"))
+    }
+}
+
+#[tokio::test]
+async fn streams_that_keep_ending_without_a_token_switch_the_source_to_polling() {
+    let mut t = TestBroker::new().start().await;
+    t.register("ivan", "ivan").await;
+    let breaker = StreamBreaker {
+        broker: t.client.clone(),
+        watches: Arc::new(AtomicUsize::new(0)),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::token_broker_server::TokenBrokerServer::new(
+                breaker.clone(),
+            ))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+
+    let source = builder(addr, "ivan").build().unwrap();
+    let token = source.token().await.expect("a token by polling");
+    assert_eq!(token.generation(), 1);
+    let status = source.status();
+    assert_eq!(status.mode, Mode::Polling);
+    assert_eq!(
+        breaker.watches.load(SeqCst),
+        3,
+        "three streams ended without a token before the fallback"
+    );
+    assert_eq!(status.connections, 4, "each attempt on a new connection");
+    source.close().await;
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    t.stop().await;
+}
