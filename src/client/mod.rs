@@ -63,7 +63,7 @@
 //! Service, the mesh picks a replica for each new connection. Reconnection
 //! waits follow capped exponential backoff with full jitter
 //! ([`crate::refresh::timing::backoff`], the broker's own), never shorter
-//! than the broker's `RetryInfo`. HTTP/2 keep-alive pings detect a peer that
+//! than the broker's `RetryInfo` (up to the backoff cap). HTTP/2 keep-alive pings detect a peer that
 //! vanished without closing the connection.
 //!
 //! `WatchToken` is the normal mode. The source falls back to polling
