@@ -702,3 +702,45 @@ async fn streams_that_keep_ending_without_a_token_switch_the_source_to_polling()
     server.await.unwrap().unwrap();
     t.stop().await;
 }
+
+#[tokio::test]
+async fn the_broker_s_re_login_warning_reaches_the_source_status() {
+    // The SSO session maximum (60 s) caps the refresh token below what the
+    // login promised (1 h): the broker warns its watchers.
+    let mut t = TestBroker::new()
+        .realm(|r| {
+            r.sso_session_max_secs = 60;
+            r.sso_session_idle_secs = 3600;
+        })
+        .start()
+        .await;
+    let login = t.idp().login("judy");
+    t.client
+        .register_session(pb::RegisterSessionRequest {
+            session_id: "judy".into(),
+            refresh_token: login.refresh_token,
+            access_token: login.access_token,
+            expires_in: Some(common::duration(600 * SECOND)),
+            refresh_expires_in: Some(common::duration(3600 * SECOND)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let source = builder(t.broker.addr, "judy").build().unwrap();
+    source.token().await.unwrap();
+    assert_eq!(source.status().reauth_due_at, None);
+    t.get("judy", None, true).await.unwrap();
+    let warned = wait_for(&source, 10 * SECOND, "the re-login warning", |s| {
+        s.reauth_due_at.is_some()
+    })
+    .await;
+    let info = t.session("judy").await.unwrap();
+    let due = warned.reauth_due_at.unwrap();
+    assert_eq!(
+        SystemTime::try_from(info.reauth_due_at.unwrap()).unwrap(),
+        due
+    );
+    // A warning, not an end: tokens are still handed out.
+    assert!(source.token().await.is_ok());
+    t.stop().await;
+}
