@@ -21,6 +21,9 @@
 //! - [`error`]: the transport-neutral error of the use cases.
 //! - [`telemetry`]: logging and optional OTLP trace export, W3C trace context, the signals.
 //! - [`metrics`]: the Prometheus metric names (one list) and the recorder behind `/metrics`.
+//! - `client` (cargo feature `client`): the calling services' side: a live `TokenSource` per
+//!   session (watch, reconnect, poll fallback, never an expired token) and bearer adapters for
+//!   tonic and reqwest (the one reqwest user besides `oidc`, for the caller's own requests).
 //! - [`pb`]: the generated `tokenbroker.v1` contract (from `proto/`).
 
 #![deny(rustdoc::broken_intra_doc_links)]
@@ -30,6 +33,8 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod cli;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod config;
 pub mod devidp;
 pub mod error;

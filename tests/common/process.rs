@@ -24,11 +24,13 @@ const START_LIMIT: Duration = Duration::from_secs(20);
 pub struct ServeCommand {
     command: Command,
     log: PathBuf,
+    listen: SocketAddr,
 }
 
 impl ServeCommand {
     /// `serve --insecure-no-auth --listen 127.0.0.1:0 --token-url URL
-    /// --client-id integration-api --log-json`, stderr (the JSON log) into
+    /// --client-id integration-api --log-json` (another address with
+    /// [`ServeCommand::listen`]), stderr (the JSON log) into
     /// `log`, with test-friendly backoff, timeouts and IdP budget. No
     /// `TOKENBROKER_*` variable of the test's own environment reaches it.
     pub fn new(token_url: &str, log: impl Into<PathBuf>) -> Self {
@@ -37,8 +39,6 @@ impl ServeCommand {
             .args([
                 "serve",
                 "--insecure-no-auth",
-                "--listen",
-                "127.0.0.1:0",
                 "--token-url",
                 token_url,
                 "--client-id",
@@ -70,7 +70,15 @@ impl ServeCommand {
         Self {
             command,
             log: log.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
+    }
+
+    /// Listens on `addr` instead of a free port (e.g. the port of a killed
+    /// process, so its clients find the new one).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
     }
 
     /// One more command-line argument.
@@ -87,6 +95,7 @@ impl ServeCommand {
 
     /// Starts the process (it is not serving yet: see [`Serve::serving_addr`]).
     pub fn spawn(mut self) -> Serve {
+        self.command.arg("--listen").arg(self.listen.to_string());
         let stderr = std::fs::File::create(&self.log).expect("log file");
         let child = self.command.stderr(stderr).spawn().expect("serve starts");
         Serve {
