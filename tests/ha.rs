@@ -818,6 +818,18 @@ async fn sigkill_mid_refresh_loses_nothing() {
                     "{id}: {info:?}"
                 );
             }
+            // C has adopted the newest generation (change feed) before it
+            // is asked for a newer one: a forced refresh on a replica that
+            // is behind returns the stored token it was behind on.
+            let mut seen = 0;
+            for _ in 0..100 {
+                seen = cluster.replicas[2].session(id).await.unwrap().generation;
+                if seen >= generations[id] {
+                    break;
+                }
+                sleep(Duration::from_millis(50)).await;
+            }
+            assert!(seen >= generations[id], "{id}: C stayed at {seen}");
             let token = cluster.replicas[2].get(id, None, true).await.unwrap();
             assert!(token.generation > generations[id], "{id}");
         }
