@@ -1347,3 +1347,105 @@ async fn a_failed_replacement_leaves_the_session_refreshing() {
     assert_eq!(next.generation, 2);
     t.stop().await;
 }
+
+/// A memory store whose writes of new generations wait while it is closed.
+#[derive(Debug, Default)]
+struct GatedStore {
+    inner: MemoryStore,
+    closed: AtomicBool,
+    opened: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for GatedStore {
+    async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError> {
+        self.inner.load_all().await
+    }
+    async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
+        self.inner.insert(session, mode).await
+    }
+    async fn update(&self, session: &StoredSession, expected: u64) -> Result<(), StoreError> {
+        self.waiting.fetch_add(1, SeqCst);
+        loop {
+            let opened = self.opened.notified();
+            if !self.closed.load(SeqCst) {
+                break;
+            }
+            opened.await;
+        }
+        self.waiting.fetch_sub(1, SeqCst);
+        self.inner.update(session, expected).await
+    }
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+        self.inner.delete(id).await
+    }
+}
+
+/// Found by the soak (examples/soak): the refresh slot was released when the
+/// IdP answered, before the rotation was stored, so a slow store let
+/// hundreds of received-but-unstored rotations pile up — each one a session
+/// lost (max reuse 0) when the process died. The slot now covers the write:
+/// at most `max_concurrent_refreshes` rotations are ever at risk.
+#[tokio::test]
+async fn rotations_waiting_for_the_store_keep_their_refresh_slots() {
+    let store = Arc::new(GatedStore::default());
+    let mut t = TestBroker::new()
+        .store(store.clone())
+        .config(|c| {
+            c.providers
+                .get_mut("apiax")
+                .unwrap()
+                .max_concurrent_refreshes = 2;
+        })
+        .start()
+        .await;
+    for i in 0..6 {
+        let id = format!("slot-{i}");
+        t.register_with_token(&id, &id, 600 * SECOND).await;
+    }
+    assert_eq!(t.idp().stats().token_requests, 0);
+    store.closed.store(true, SeqCst);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let mut client = t.client.clone();
+        calls.spawn(async move {
+            client
+                .get_access_token(pb::GetAccessTokenRequest {
+                    session_id: format!("slot-{i}"),
+                    min_ttl: None,
+                    force_refresh: true,
+                })
+                .await
+        });
+    }
+    // Two refreshes get slots, are answered, and wait for the store...
+    for _ in 0..200 {
+        if store.waiting.load(SeqCst) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(store.waiting.load(SeqCst), 2);
+    // ...holding their slots: nothing more is presented meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        t.idp().stats().token_requests,
+        2,
+        "a refresh started while two rotations were not stored yet"
+    );
+    assert_eq!(store.waiting.load(SeqCst), 2);
+    store.closed.store(false, SeqCst);
+    store.opened.notify_waiters();
+    while let Some(call) = calls.join_next().await {
+        call.unwrap()
+            .expect("every forced refresh succeeds once the store writes");
+    }
+    let stats = t.idp().stats();
+    assert_eq!(stats.refreshes_succeeded, 6);
+    assert_eq!(stats.stale_presentations, 0);
+    t.stop().await;
+}

@@ -636,7 +636,6 @@ impl Refresher {
             }
             None => present(&provider.client, &refresh_token, Some(trace)).await,
         };
-        drop(permit);
         let answered = match &outcome {
             Ok(_) => "ok",
             Err(error) => match error_class(error) {
@@ -658,6 +657,11 @@ impl Refresher {
             Ok(grant) => self.commit(session, grant, generation).await,
             Err(error) => self.fail(session, &provider, error, generation).await,
         };
+        // The slot is held until the rotation is stored: a rotation received
+        // but not yet written is lost if the process dies, so at most
+        // `max_concurrent_refreshes` sessions are ever at risk, and a slow
+        // store slows the refreshes instead of piling rotations up in memory.
+        drop(permit);
         let counted = match (answered, &result) {
             ("ok", Err(BrokerError::StoreUnavailable { .. })) => "store_failed",
             (answered, _) => answered,
