@@ -610,7 +610,7 @@ impl Broker {
                 description: format!("refresh budget of provider {} exhausted", provider.name),
                 retry_after: Duration::from_secs(1),
             })?;
-        refresh::present(&provider.client, refresh_token, trace.as_ref())
+        refresh::present(provider, refresh_token, trace.as_ref())
             .await
             .map_err(|error| registration_error(&provider.name, error))
     }

@@ -1449,3 +1449,59 @@ async fn rotations_waiting_for_the_store_keep_their_refresh_slots() {
     assert_eq!(stats.stale_presentations, 0);
     t.stop().await;
 }
+
+/// Found by the soak (examples/soak): the presentation once more after a
+/// lost answer did not count against the rate budget, so while the IdP
+/// dropped connections it saw twice the configured refreshes per second.
+/// Now every request waits for the rate. (An upper bound on requests per
+/// elapsed time: a slow machine can only make it pass more easily.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_do_not_double_the_rate_at_the_idp() {
+    const RATE: u32 = 10;
+    let mut t = TestBroker::new()
+        .config(|c| {
+            c.providers
+                .get_mut("apiax")
+                .unwrap()
+                .max_refreshes_per_second = RATE;
+        })
+        .start()
+        .await;
+    for i in 0..12 {
+        let id = format!("lost-{i}");
+        t.register_with_token(&id, &id, 600 * SECOND).await;
+    }
+    // Every connection closes before the IdP processes anything: each
+    // refresh is presented twice, and fails.
+    t.idp()
+        .push_fault(Fault::always(FaultAction::DropBeforeProcessing));
+    let started = tokio::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let mut client = t.client.clone();
+        calls.spawn(async move {
+            client
+                .get_access_token(pb::GetAccessTokenRequest {
+                    session_id: format!("lost-{i}"),
+                    min_ttl: None,
+                    force_refresh: true,
+                })
+                .await
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        let status = call.unwrap().expect_err("the IdP answers nothing");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let requests = t.idp().stats().token_requests;
+    assert_eq!(requests, 24, "each refresh presented twice");
+    // The rate limiter admits one at once and RATE a second after that.
+    let allowed = 1.0 + elapsed * f64::from(RATE) + 1.0;
+    assert!(
+        requests as f64 <= allowed,
+        "{requests} IdP requests in {elapsed:.2} s at {RATE}/s"
+    );
+    t.idp().clear_faults();
+    t.stop().await;
+}
