@@ -410,11 +410,17 @@ impl Broker {
         let (refresh_token, token, refresh_expiry, grant) = match (held, request.initial) {
             (Some(grant), _) => from_grant(grant, request.refresh_token),
             (None, Some(initial)) => {
-                let expires_at = initial
-                    .expires_in
-                    .map(|d| now + d)
-                    .or_else(|| oidc::jwt_exp(initial.access_token.expose_secret()))
-                    .unwrap_or(now + endpoint.default_access_lifetime);
+                // `expires_in` counts from now, later than the login that
+                // issued the token: the JWT's own `exp` caps it, as it caps
+                // a refresh's lifetime.
+                let stated = initial.expires_in.map(|d| now + d);
+                let exp = oidc::jwt_exp(initial.access_token.expose_secret());
+                let expires_at = match (stated, exp) {
+                    (Some(stated), Some(exp)) => stated.min(exp),
+                    (stated, exp) => stated
+                        .or(exp)
+                        .unwrap_or(now + endpoint.default_access_lifetime),
+                };
                 let refresh_expiry = match request.refresh_expires_in {
                     Some(d) if d.is_zero() => RefreshExpiry::Never,
                     Some(d) => RefreshExpiry::At(now + d),

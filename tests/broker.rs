@@ -1505,3 +1505,42 @@ async fn lost_answers_do_not_double_the_rate_at_the_idp() {
     t.idp().clear_faults();
     t.stop().await;
 }
+
+/// Found by the soak (examples/soak): a registration's `expires_in` counts
+/// from the registration, which comes after the login that issued the
+/// token, and it was trusted over the token's own `exp`: the broker served
+/// tokens it believed valid for seconds more after they had expired. The
+/// JWT's `exp` now caps it, as it caps a refresh's lifetime.
+#[tokio::test]
+async fn a_registered_access_token_never_outlives_its_exp_claim() {
+    let mut t = TestBroker::new()
+        .realm(|r| r.access_token_lifespan_secs = 30)
+        .start()
+        .await;
+    let login = t.idp().login("late");
+    let exp =
+        tokenbroker::oidc::jwt_exp(&login.access_token).expect("the dev IdP's JWT has an exp");
+    // The caller claims half an hour; the token itself expires in 30 s.
+    t.client
+        .register_session(pb::RegisterSessionRequest {
+            session_id: "late".into(),
+            refresh_token: login.refresh_token.clone(),
+            access_token: login.access_token.clone(),
+            expires_in: Some(duration(1800 * SECOND)),
+            scope: login.scope.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("registration succeeds");
+    let info = t.session("late").await.unwrap();
+    let believed = std::time::SystemTime::try_from(info.access_expires_at.unwrap()).unwrap();
+    assert!(
+        believed <= exp,
+        "{believed:?} is after the token's exp {exp:?}"
+    );
+    // A caller that needs a minute gets a fresh token, not the login's.
+    let token = t.get("late", Some(60 * SECOND), false).await.unwrap();
+    assert_ne!(token.access_token, login.access_token);
+    assert_eq!(t.idp().stats().refreshes_succeeded, 1);
+    t.stop().await;
+}
