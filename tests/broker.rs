@@ -1544,3 +1544,60 @@ async fn a_registered_access_token_never_outlives_its_exp_claim() {
     assert_eq!(t.idp().stats().refreshes_succeeded, 1);
     t.stop().await;
 }
+
+/// Found by the soak (examples/soak): a listing page larger than
+/// `max_message_bytes` (1,000 sessions are ~200 KB; the default limit is
+/// 64 KiB) was refused by the server with OUT_OF_RANGE instead of sent. A
+/// page now ends where the message would overflow, and its token continues.
+#[tokio::test]
+async fn listing_pages_fit_the_message_limit() {
+    let mut t = TestBroker::new()
+        .config(|c| {
+            c.max_message_bytes = 4096;
+            c.max_token_bytes = 2048;
+        })
+        .start()
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let id = format!("page/{i:03}");
+        let login = t.idp().login(&id);
+        t.client
+            .register_session(pb::RegisterSessionRequest {
+                session_id: id.clone(),
+                refresh_token: login.refresh_token.clone(),
+                access_token: login.access_token.clone(),
+                labels: [("note".to_owned(), "x".repeat(100))].into(),
+                ..Default::default()
+            })
+            .await
+            .expect("registration succeeds");
+        ids.push(id);
+    }
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = t
+            .client
+            .list_sessions(pb::ListSessionsRequest {
+                page_size: 1000,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page that fits")
+            .into_inner();
+        assert!(!page.sessions.is_empty());
+        listed.extend(page.sessions.into_iter().map(|s| s.session_id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert!(pages < 50, "pages make progress");
+        page_token = page.next_page_token;
+    }
+    assert!(pages > 1, "50 sessions of ~200 bytes do not fit 4 KiB");
+    assert_eq!(listed, ids, "every session once, in id order");
+    t.stop().await;
+}
