@@ -827,15 +827,25 @@ impl Broker {
         }
         // A token fresh from the provider satisfies the call even when the
         // provider grants less than `min_ttl`.
+        let seen = published.token.as_ref().map(|t| t.generation);
         let token = self
             .refresher
             .refresh(&session, Trigger::OnDemand, None, trace)
             .await?;
-        if token.expires_at <= SystemTime::now() {
+        let now = SystemTime::now();
+        if token.expires_at <= now {
             return Err(BrokerError::ProviderUnavailable {
                 provider: session.lock().provider.to_string(),
                 description: "the provider issued an already expired token".into(),
                 retry_after: Duration::from_secs(1),
+            });
+        }
+        // The one this call found too short, handed back because no refresh
+        // landed here (another replica's write won the race): not fresh, so
+        // `min_ttl` holds; the newer generation is one retry away.
+        if Some(token.generation) <= seen && !token.valid_for(now, min_ttl) {
+            return Err(BrokerError::StoreUnavailable {
+                description: "the session changed under the refresh; retry".into(),
             });
         }
         Ok(token)

@@ -1601,3 +1601,56 @@ async fn listing_pages_fit_the_message_limit() {
     assert_eq!(listed, ids, "every session once, in id order");
     t.stop().await;
 }
+
+/// A memory store whose generation writes answer `Conflict` (another replica
+/// wrote first) while `conflicting` is set.
+#[derive(Debug, Default)]
+struct RacedStore {
+    inner: MemoryStore,
+    conflicting: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for RacedStore {
+    async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError> {
+        self.inner.load_all().await
+    }
+    async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
+        self.inner.insert(session, mode).await
+    }
+    async fn update(&self, session: &StoredSession, expected: u64) -> Result<(), StoreError> {
+        if self.conflicting.load(SeqCst) {
+            return Err(StoreError::Conflict);
+        }
+        self.inner.update(session, expected).await
+    }
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+        self.inner.delete(id).await
+    }
+}
+
+/// Found by the soak in HA mode (examples/soak): when a refresh's write lost
+/// the race to another replica, GetAccessToken answered with the token it
+/// had found too short — 42 ms left against a min_ttl of 2 s. It now answers
+/// UNAVAILABLE (retry), and the retry gets the newer generation.
+#[tokio::test]
+async fn a_refresh_that_lost_the_race_does_not_serve_a_token_below_min_ttl() {
+    let store = Arc::new(RacedStore::default());
+    let mut t = TestBroker::new().store(store.clone()).start().await;
+    let login = t.register_with_token("raced", "raced", 10 * SECOND).await;
+    store.conflicting.store(true, SeqCst);
+    let answer = t.get("raced", Some(60 * SECOND), false).await;
+    let status = answer.expect_err("the 10-s token does not satisfy a 60-s min_ttl");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.get_details_error_info().unwrap().reason,
+        "STORE_UNAVAILABLE"
+    );
+    // Without min_ttl pressure the held token is still served.
+    let token = t.get("raced", Some(SECOND), false).await.unwrap();
+    assert_eq!(token.access_token, login.access_token);
+    t.stop().await;
+}
