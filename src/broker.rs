@@ -826,29 +826,38 @@ impl Broker {
             return Ok(token.clone());
         }
         // A token fresh from the provider satisfies the call even when the
-        // provider grants less than `min_ttl`.
-        let seen = published.token.as_ref().map(|t| t.generation);
-        let token = self
-            .refresher
-            .refresh(&session, Trigger::OnDemand, None, trace)
-            .await?;
-        let now = SystemTime::now();
-        if token.expires_at <= now {
-            return Err(BrokerError::ProviderUnavailable {
-                provider: session.lock().provider.to_string(),
-                description: "the provider issued an already expired token".into(),
-                retry_after: Duration::from_secs(1),
-            });
+        // provider grants less than `min_ttl`. A refresh may also hand back a
+        // token that is not fresh, and then `min_ttl` holds: the one held
+        // (another replica's write won the race: retry, the change feed
+        // brings the newer one), or an older one of another replica's,
+        // adopted instead of refreshing (one more refresh starts from it).
+        let mut seen = published.token.as_ref().map(|t| t.generation);
+        for _ in 0..2 {
+            let token = self
+                .refresher
+                .refresh(&session, Trigger::OnDemand, None, trace)
+                .await?;
+            let now = SystemTime::now();
+            if token.expires_at <= now {
+                return Err(BrokerError::ProviderUnavailable {
+                    provider: session.lock().provider.to_string(),
+                    description: "the provider issued an already expired token".into(),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            let fresh =
+                Some(token.generation) > seen && token.remaining(now) > token.lifetime() / 2;
+            if fresh || token.valid_for(now, min_ttl) {
+                return Ok(token);
+            }
+            if Some(token.generation) <= seen {
+                break;
+            }
+            seen = Some(token.generation);
         }
-        // The one this call found too short, handed back because no refresh
-        // landed here (another replica's write won the race): not fresh, so
-        // `min_ttl` holds; the newer generation is one retry away.
-        if Some(token.generation) <= seen && !token.valid_for(now, min_ttl) {
-            return Err(BrokerError::StoreUnavailable {
-                description: "the session changed under the refresh; retry".into(),
-            });
-        }
-        Ok(token)
+        Err(BrokerError::StoreUnavailable {
+            description: "the session changed under the refresh; retry".into(),
+        })
     }
 
     /// A stream of the session's tokens and events.
