@@ -407,11 +407,17 @@ impl Broker {
         let (refresh_token, token, refresh_expiry, grant) = match (held, request.initial) {
             (Some(grant), _) => from_grant(grant, request.refresh_token),
             (None, Some(initial)) => {
-                let expires_at = initial
-                    .expires_in
-                    .map(|d| now + d)
-                    .or_else(|| oidc::jwt_exp(initial.access_token.expose_secret()))
-                    .unwrap_or(now + endpoint.default_access_lifetime);
+                // `expires_in` counts from now, later than the login that
+                // issued the token: the JWT's own `exp` caps it, as it caps
+                // a refresh's lifetime.
+                let stated = initial.expires_in.map(|d| now + d);
+                let exp = oidc::jwt_exp(initial.access_token.expose_secret());
+                let expires_at = match (stated, exp) {
+                    (Some(stated), Some(exp)) => stated.min(exp),
+                    (stated, exp) => stated
+                        .or(exp)
+                        .unwrap_or(now + endpoint.default_access_lifetime),
+                };
                 let refresh_expiry = match request.refresh_expires_in {
                     Some(d) if d.is_zero() => RefreshExpiry::Never,
                     Some(d) => RefreshExpiry::At(now + d),
@@ -602,7 +608,7 @@ impl Broker {
                 description: format!("refresh budget of provider {} exhausted", provider.name),
                 retry_after: Duration::from_secs(1),
             })?;
-        refresh::present(&provider.client, refresh_token, trace.as_ref())
+        refresh::present(provider, refresh_token, trace.as_ref())
             .await
             .map_err(|error| registration_error(&provider.name, error))
     }
@@ -811,19 +817,38 @@ impl Broker {
             return Ok(token.clone());
         }
         // A token fresh from the provider satisfies the call even when the
-        // provider grants less than `min_ttl`.
-        let token = self
-            .refresher
-            .refresh(&session, Trigger::OnDemand, None, trace)
-            .await?;
-        if token.expires_at <= SystemTime::now() {
-            return Err(BrokerError::ProviderUnavailable {
-                provider: session.lock().provider.to_string(),
-                description: "the provider issued an already expired token".into(),
-                retry_after: Duration::from_secs(1),
-            });
+        // provider grants less than `min_ttl`. A refresh may also hand back a
+        // token that is not fresh, and then `min_ttl` holds: the one held
+        // (another replica's write won the race: retry, the change feed
+        // brings the newer one), or an older one of another replica's,
+        // adopted instead of refreshing (one more refresh starts from it).
+        let mut seen = published.token.as_ref().map(|t| t.generation);
+        for _ in 0..2 {
+            let token = self
+                .refresher
+                .refresh(&session, Trigger::OnDemand, None, trace)
+                .await?;
+            let now = SystemTime::now();
+            if token.expires_at <= now {
+                return Err(BrokerError::ProviderUnavailable {
+                    provider: session.lock().provider.to_string(),
+                    description: "the provider issued an already expired token".into(),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            let fresh =
+                Some(token.generation) > seen && token.remaining(now) > token.lifetime() / 2;
+            if fresh || token.valid_for(now, min_ttl) {
+                return Ok(token);
+            }
+            if Some(token.generation) <= seen {
+                break;
+            }
+            seen = Some(token.generation);
         }
-        Ok(token)
+        Err(BrokerError::StoreUnavailable {
+            description: "the session changed under the refresh; retry".into(),
+        })
     }
 
     /// The session's current token if it stays valid for `min_ttl` (the

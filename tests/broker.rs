@@ -1347,3 +1347,310 @@ async fn a_failed_replacement_leaves_the_session_refreshing() {
     assert_eq!(next.generation, 2);
     t.stop().await;
 }
+
+/// A memory store whose writes of new generations wait while it is closed.
+#[derive(Debug, Default)]
+struct GatedStore {
+    inner: MemoryStore,
+    closed: AtomicBool,
+    opened: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for GatedStore {
+    async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError> {
+        self.inner.load_all().await
+    }
+    async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
+        self.inner.insert(session, mode).await
+    }
+    async fn update(&self, session: &StoredSession, expected: u64) -> Result<(), StoreError> {
+        self.waiting.fetch_add(1, SeqCst);
+        loop {
+            let opened = self.opened.notified();
+            if !self.closed.load(SeqCst) {
+                break;
+            }
+            opened.await;
+        }
+        self.waiting.fetch_sub(1, SeqCst);
+        self.inner.update(session, expected).await
+    }
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+        self.inner.delete(id).await
+    }
+}
+
+/// Found by the soak (examples/soak): the refresh slot was released when the
+/// IdP answered, before the rotation was stored, so a slow store let
+/// hundreds of received-but-unstored rotations pile up — each one a session
+/// lost (max reuse 0) when the process died. The slot now covers the write:
+/// at most `max_concurrent_refreshes` rotations are ever at risk.
+#[tokio::test]
+async fn rotations_waiting_for_the_store_keep_their_refresh_slots() {
+    let store = Arc::new(GatedStore::default());
+    let mut t = TestBroker::new()
+        .store(store.clone())
+        .config(|c| {
+            c.providers
+                .get_mut("apiax")
+                .unwrap()
+                .max_concurrent_refreshes = 2;
+        })
+        .start()
+        .await;
+    for i in 0..6 {
+        let id = format!("slot-{i}");
+        t.register_with_token(&id, &id, 600 * SECOND).await;
+    }
+    assert_eq!(t.idp().stats().token_requests, 0);
+    store.closed.store(true, SeqCst);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let mut client = t.client.clone();
+        calls.spawn(async move {
+            client
+                .get_access_token(pb::GetAccessTokenRequest {
+                    session_id: format!("slot-{i}"),
+                    min_ttl: None,
+                    force_refresh: true,
+                })
+                .await
+        });
+    }
+    // Two refreshes get slots, are answered, and wait for the store...
+    for _ in 0..200 {
+        if store.waiting.load(SeqCst) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(store.waiting.load(SeqCst), 2);
+    // ...holding their slots: nothing more is presented meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        t.idp().stats().token_requests,
+        2,
+        "a refresh started while two rotations were not stored yet"
+    );
+    assert_eq!(store.waiting.load(SeqCst), 2);
+    store.closed.store(false, SeqCst);
+    store.opened.notify_waiters();
+    while let Some(call) = calls.join_next().await {
+        call.unwrap()
+            .expect("every forced refresh succeeds once the store writes");
+    }
+    let stats = t.idp().stats();
+    assert_eq!(stats.refreshes_succeeded, 6);
+    assert_eq!(stats.stale_presentations, 0);
+    t.stop().await;
+}
+
+/// Found by the soak (examples/soak): the presentation once more after a
+/// lost answer did not count against the rate budget, so while the IdP
+/// dropped connections it saw twice the configured refreshes per second.
+/// Now every request waits for the rate. (An upper bound on requests per
+/// elapsed time: a slow machine can only make it pass more easily.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_do_not_double_the_rate_at_the_idp() {
+    const RATE: u32 = 10;
+    let mut t = TestBroker::new()
+        .config(|c| {
+            c.providers
+                .get_mut("apiax")
+                .unwrap()
+                .max_refreshes_per_second = RATE;
+        })
+        .start()
+        .await;
+    for i in 0..12 {
+        let id = format!("lost-{i}");
+        t.register_with_token(&id, &id, 600 * SECOND).await;
+    }
+    // Every connection closes before the IdP processes anything: each
+    // refresh is presented twice, and fails.
+    t.idp()
+        .push_fault(Fault::always(FaultAction::DropBeforeProcessing));
+    let started = tokio::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let mut client = t.client.clone();
+        calls.spawn(async move {
+            client
+                .get_access_token(pb::GetAccessTokenRequest {
+                    session_id: format!("lost-{i}"),
+                    min_ttl: None,
+                    force_refresh: true,
+                })
+                .await
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        let status = call.unwrap().expect_err("the IdP answers nothing");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let requests = t.idp().stats().token_requests;
+    assert_eq!(requests, 24, "each refresh presented twice");
+    // The rate limiter admits one at once and RATE a second after that.
+    let allowed = 1.0 + elapsed * f64::from(RATE) + 1.0;
+    assert!(
+        requests as f64 <= allowed,
+        "{requests} IdP requests in {elapsed:.2} s at {RATE}/s"
+    );
+    t.idp().clear_faults();
+    t.stop().await;
+}
+
+/// Found by the soak (examples/soak): a registration's `expires_in` counts
+/// from the registration, which comes after the login that issued the
+/// token, and it was trusted over the token's own `exp`: the broker served
+/// tokens it believed valid for seconds more after they had expired. The
+/// JWT's `exp` now caps it, as it caps a refresh's lifetime.
+#[tokio::test]
+async fn a_registered_access_token_never_outlives_its_exp_claim() {
+    let mut t = TestBroker::new()
+        .realm(|r| r.access_token_lifespan_secs = 30)
+        .start()
+        .await;
+    let login = t.idp().login("late");
+    let exp =
+        tokenbroker::oidc::jwt_exp(&login.access_token).expect("the dev IdP's JWT has an exp");
+    // The caller claims half an hour; the token itself expires in 30 s.
+    t.client
+        .register_session(pb::RegisterSessionRequest {
+            session_id: "late".into(),
+            refresh_token: login.refresh_token.clone(),
+            access_token: login.access_token.clone(),
+            expires_in: Some(duration(1800 * SECOND)),
+            scope: login.scope.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("registration succeeds");
+    let info = t.session("late").await.unwrap();
+    let believed = std::time::SystemTime::try_from(info.access_expires_at.unwrap()).unwrap();
+    assert!(
+        believed <= exp,
+        "{believed:?} is after the token's exp {exp:?}"
+    );
+    // A caller that needs a minute gets a fresh token, not the login's.
+    let token = t.get("late", Some(60 * SECOND), false).await.unwrap();
+    assert_ne!(token.access_token, login.access_token);
+    assert_eq!(t.idp().stats().refreshes_succeeded, 1);
+    t.stop().await;
+}
+
+/// Found by the soak (examples/soak): a listing page larger than
+/// `max_message_bytes` (1,000 sessions are ~200 KB; the default limit is
+/// 64 KiB) was refused by the server with OUT_OF_RANGE instead of sent. A
+/// page now ends where the message would overflow, and its token continues.
+#[tokio::test]
+async fn listing_pages_fit_the_message_limit() {
+    let mut t = TestBroker::new()
+        .config(|c| {
+            c.max_message_bytes = 4096;
+            c.max_token_bytes = 2048;
+        })
+        .start()
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let id = format!("page/{i:03}");
+        let login = t.idp().login(&id);
+        t.client
+            .register_session(pb::RegisterSessionRequest {
+                session_id: id.clone(),
+                refresh_token: login.refresh_token.clone(),
+                access_token: login.access_token.clone(),
+                labels: [("note".to_owned(), "x".repeat(100))].into(),
+                ..Default::default()
+            })
+            .await
+            .expect("registration succeeds");
+        ids.push(id);
+    }
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = t
+            .client
+            .list_sessions(pb::ListSessionsRequest {
+                page_size: 1000,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page that fits")
+            .into_inner();
+        assert!(!page.sessions.is_empty());
+        listed.extend(page.sessions.into_iter().map(|s| s.session_id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert!(pages < 50, "pages make progress");
+        page_token = page.next_page_token;
+    }
+    assert!(pages > 1, "50 sessions of ~200 bytes do not fit 4 KiB");
+    assert_eq!(listed, ids, "every session once, in id order");
+    t.stop().await;
+}
+
+/// A memory store whose generation writes answer `Conflict` (another replica
+/// wrote first) while `conflicting` is set.
+#[derive(Debug, Default)]
+struct RacedStore {
+    inner: MemoryStore,
+    conflicting: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for RacedStore {
+    async fn load_all(&self) -> Result<Vec<StoredSession>, StoreError> {
+        self.inner.load_all().await
+    }
+    async fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn insert(&self, session: &StoredSession, mode: InsertMode) -> Result<(), StoreError> {
+        self.inner.insert(session, mode).await
+    }
+    async fn update(&self, session: &StoredSession, expected: u64) -> Result<(), StoreError> {
+        if self.conflicting.load(SeqCst) {
+            return Err(StoreError::Conflict);
+        }
+        self.inner.update(session, expected).await
+    }
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+        self.inner.delete(id).await
+    }
+}
+
+/// Found by the soak in HA mode (examples/soak): when a refresh's write lost
+/// the race to another replica, GetAccessToken answered with the token it
+/// had found too short — 42 ms left against a min_ttl of 2 s. It now answers
+/// UNAVAILABLE (retry), and the retry gets the newer generation.
+#[tokio::test]
+async fn a_refresh_that_lost_the_race_does_not_serve_a_token_below_min_ttl() {
+    let store = Arc::new(RacedStore::default());
+    let mut t = TestBroker::new().store(store.clone()).start().await;
+    let login = t.register_with_token("raced", "raced", 10 * SECOND).await;
+    store.conflicting.store(true, SeqCst);
+    let answer = t.get("raced", Some(60 * SECOND), false).await;
+    let status = answer.expect_err("the 10-s token does not satisfy a 60-s min_ttl");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.get_details_error_info().unwrap().reason,
+        "STORE_UNAVAILABLE"
+    );
+    // Without min_ttl pressure the held token is still served.
+    let token = t.get("raced", Some(SECOND), false).await.unwrap();
+    assert_eq!(token.access_token, login.access_token);
+    t.stop().await;
+}

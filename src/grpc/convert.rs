@@ -27,13 +27,24 @@ pub fn session_id(raw: &str) -> Result<SessionId, BrokerError> {
     SessionId::parse(raw)
 }
 
+/// A caller's `google.protobuf.Duration`, read exactly (seconds and nanos
+/// of any sign, nanos out of range included). Not through prost's
+/// `TryFrom`, which negates `seconds` and so overflows on `i64::MIN`.
 fn duration(
     field: &'static str,
     value: Option<prost_types::Duration>,
 ) -> Result<Option<Duration>, BrokerError> {
+    const NANOS_PER_SECOND: i128 = 1_000_000_000;
     value
         .map(|d| {
-            Duration::try_from(d).map_err(|_| BrokerError::invalid(field, "must not be negative"))
+            let total = i128::from(d.seconds) * NANOS_PER_SECOND + i128::from(d.nanos);
+            if total < 0 {
+                return Err(BrokerError::invalid(field, "must not be negative"));
+            }
+            // At most i64::MAX seconds plus two: fits a u64; the remainder fits a u32.
+            let seconds = u64::try_from(total / NANOS_PER_SECOND).unwrap_or(u64::MAX);
+            let nanos = u32::try_from(total % NANOS_PER_SECOND).unwrap_or(0);
+            Ok(Duration::new(seconds, nanos))
         })
         .transpose()
 }
@@ -230,4 +241,51 @@ pub fn watch_event(event: WatchEvent) -> Option<pb::WatchTokenResponse> {
         WatchEvent::ShuttingDown => return None,
     };
     Some(pb::WatchTokenResponse { event: Some(event) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pb(seconds: i64, nanos: i32) -> Option<prost_types::Duration> {
+        Some(prost_types::Duration { seconds, nanos })
+    }
+
+    #[test]
+    fn durations_of_any_shape_are_read_exactly() {
+        assert_eq!(min_ttl(None).unwrap(), None);
+        assert_eq!(min_ttl(pb(5, 0)).unwrap(), Some(Duration::from_secs(5)));
+        // Out-of-range nanos are carried, as in protobuf's normalisation.
+        assert_eq!(
+            min_ttl(pb(-1, 1_500_000_000)).unwrap(),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            min_ttl(pb(1, -500_000_000)).unwrap(),
+            Some(Duration::from_millis(500))
+        );
+        // Regression: the most negative durations overflowed in prost's
+        // conversion (a panic in debug builds) instead of being refused.
+        for (seconds, nanos) in [
+            (i64::MIN, 0),
+            (i64::MIN, -1),
+            (i64::MIN, i32::MIN),
+            (i64::MIN, i32::MAX),
+            (0, -1),
+            (-1, 999_999_999),
+        ] {
+            let err = min_ttl(pb(seconds, nanos)).unwrap_err();
+            assert_eq!(
+                err,
+                BrokerError::invalid("min_ttl", "must not be negative"),
+                "{seconds} s {nanos} ns"
+            );
+        }
+        // The largest ones are too long, not a panic either.
+        assert!(min_ttl(pb(i64::MAX, i32::MAX)).is_err());
+        assert_eq!(
+            duration("expires_in", pb(i64::MAX, i32::MAX)).unwrap(),
+            Some(Duration::new(i64::MAX as u64 + 2, 147_483_647))
+        );
+    }
 }

@@ -280,12 +280,32 @@ impl TokenBroker for TokenBrokerService {
         let (page, more) = self.broker.list(&query, |id, owner| {
             self.gate.may_list(&caller, id.as_str(), owner)
         });
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => last.id.to_string(),
+        // A page must fit `max_message_bytes` (the server refuses to send a
+        // larger message): it ends early, at least one session in, and the
+        // token continues after its last session.
+        let room = self
+            .max_message_bytes
+            .saturating_sub(crate::session::MAX_SESSION_ID_LEN + 8);
+        let mut sessions = Vec::with_capacity(page.len());
+        let mut size = 0;
+        let mut cut = false;
+        for info in page {
+            let session = convert::session(info);
+            let len = prost::Message::encoded_len(&session);
+            let field = 1 + prost::length_delimiter_len(len) + len;
+            if !sessions.is_empty() && size + field > room {
+                cut = true;
+                break;
+            }
+            size += field;
+            sessions.push(session);
+        }
+        let next_page_token = match (more || cut, sessions.last()) {
+            (true, Some(last)) => last.session_id.clone(),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListSessionsResponse {
-            sessions: page.into_iter().map(convert::session).collect(),
+            sessions,
             next_page_token,
         }))
     }

@@ -170,6 +170,14 @@ impl Budget {
         }
     }
 
+    /// Waits for the rate limiter alone, for a second request inside a
+    /// refresh that already holds a slot (the presentation once more after a
+    /// lost answer): the IdP sees it like any other, so it counts against
+    /// the rate too.
+    pub async fn pace(&self) {
+        self.rate.until_ready().await;
+    }
+
     /// Refreshes in flight now.
     pub fn in_flight(&self) -> usize {
         self.limits.max_concurrent.max(1) - self.permits.available_permits()

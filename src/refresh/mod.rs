@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::error::BrokerError;
-use crate::oidc::{RefreshError, RefreshExpiry, RejectedTarget, TokenClient, TokenGrant};
+use crate::oidc::{RefreshError, RefreshExpiry, RejectedTarget, TokenGrant};
 use crate::secret::RefreshToken;
 use crate::session::{
     EndReason, ErrorClass, IssuedToken, LabelSet, Published, Registry, Session, SessionError,
@@ -168,12 +168,15 @@ impl Trigger {
 /// provider may or may not have rotated the token), presents the same token
 /// exactly once more: if the provider never saw the first request this keeps
 /// the session; if it did, the session was lost with the answer anyway, unless
-/// the provider allows a reuse, in which case the retry succeeds.
+/// the provider allows a reuse, in which case the retry succeeds. The second
+/// request waits for the provider's rate budget like any other (the caller
+/// already holds a slot), so lost answers never double the rate at the IdP.
 pub async fn present(
-    client: &TokenClient,
+    provider: &Provider,
     refresh_token: &RefreshToken,
     trace: Option<&TraceContext>,
 ) -> Result<TokenGrant, RefreshError> {
+    let client = &provider.client;
     let child = trace.map(TraceContext::child);
     match client.refresh_traced(refresh_token, child.as_ref()).await {
         Err(error) if error.outcome_unknown() => {
@@ -182,6 +185,7 @@ pub async fn present(
                 %error,
                 "refresh outcome unknown; presenting the stored refresh token once more"
             );
+            provider.budget.pace().await;
             let child = trace.map(TraceContext::child);
             client.refresh_traced(refresh_token, child.as_ref()).await
         }
@@ -632,13 +636,12 @@ impl Refresher {
                 renewing(
                     coordinator.as_ref(),
                     session.id(),
-                    present(&provider.client, &refresh_token, Some(trace)),
+                    present(&provider, &refresh_token, Some(trace)),
                 )
                 .await
             }
-            None => present(&provider.client, &refresh_token, Some(trace)).await,
+            None => present(&provider, &refresh_token, Some(trace)).await,
         };
-        drop(permit);
         let answered = match &outcome {
             Ok(_) => "ok",
             Err(error) => match error_class(error) {
@@ -660,6 +663,11 @@ impl Refresher {
             Ok(grant) => self.commit(session, grant, generation).await,
             Err(error) => self.fail(session, &provider, error, generation).await,
         };
+        // The slot is held until the rotation is stored: a rotation received
+        // but not yet written is lost if the process dies, so at most
+        // `max_concurrent_refreshes` sessions are ever at risk, and a slow
+        // store slows the refreshes instead of piling rotations up in memory.
+        drop(permit);
         let counted = match (answered, &result) {
             ("ok", Err(BrokerError::StoreUnavailable { .. })) => "store_failed",
             (answered, _) => answered,
