@@ -1443,9 +1443,12 @@ pub async fn raw_frame(channel: Channel, rng: &mut StdRng) -> Result<(), tonic::
             frame(1, 20, &payload)
         }
         4 => {
-            // A valid GetSessionRequest with bytes flipped.
+            // A valid GetSessionRequest with bits flipped. Its id is none
+            // of the load's: it goes to any method (DeleteSession too) with
+            // the real caller's identity, and one flipped bit turns
+            // "soak/u000001" into another real session's id ("u000021").
             let mut payload = prost::Message::encode_to_vec(&pb::GetSessionRequest {
-                session_id: "soak/u000001".into(),
+                session_id: "soak/mutant-000001".into(),
             });
             for _ in 0..rng.random_range(1..4) {
                 let i = rng.random_range(0..payload.len());
