@@ -129,7 +129,7 @@ pub fn schedule(opts: &Opts) -> Schedule {
     let last = opts.replicas - 1;
     let one_cycle = |short: bool| -> Vec<Step> {
         let (f, g) = if short {
-            (4.0, 3.0)
+            (3.0, 2.5)
         } else {
             ((life / 2.0).max(5.0), life)
         };
@@ -165,21 +165,25 @@ pub fn schedule(opts: &Opts) -> Schedule {
                     0.0,
                     1.0,
                 ),
-                step(Fault::Outage, outage, (life * 1.5).max(10.0)),
+                step(
+                    Fault::Outage,
+                    outage,
+                    if short { life } else { (life * 1.5).max(10.0) },
+                ),
             ]);
         } else {
-            steps.push(step(Fault::Idp500, 3.0, 3.0));
+            steps.push(step(Fault::Idp500, 3.0, 2.5));
         }
         steps.push(step(
             Fault::BrokerKill { replica: last },
             if short { 1.0 } else { 2.0 },
-            if short { 6.0 } else { g },
+            if short { 5.0 } else { g },
         ));
         if opts.mode == Mode::Ha {
             steps.push(step(
                 Fault::DbRestart,
                 if short { 5.0 } else { 8.0 },
-                if short { 6.0 } else { g },
+                if short { 5.0 } else { g },
             ));
             if !short {
                 steps.push(step(Fault::BrokerKill { replica: 0 }, 2.0, g));
@@ -190,7 +194,7 @@ pub fn schedule(opts: &Opts) -> Schedule {
     };
     match opts.schedule {
         ScheduleKind::Short => Schedule {
-            warmup: secs(5.0),
+            warmup: secs(4.0),
             steps: one_cycle(true),
         },
         ScheduleKind::Default => {

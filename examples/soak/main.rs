@@ -380,7 +380,7 @@ async fn run(opts: Opts) -> i32 {
         Err(e) => {
             eprintln!("soak: the run could not be set up: {e}");
             eprintln!("{}", brokers.lock().unwrap().log_tails(40));
-            let _ = brokers.lock().unwrap().stop_all();
+            let _ = tokio::task::block_in_place(|| brokers.lock().unwrap().stop_all());
             if let Some(proxy) = &proxy {
                 proxy.stop().await;
             }
@@ -407,7 +407,8 @@ async fn run(opts: Opts) -> i32 {
     let outcome = drive(&run, setup_started).await;
 
     // Tear down, whatever happened.
-    let exits = run.brokers.lock().unwrap().stop_all();
+    // Draining waits on the processes (blocking, bounded).
+    let exits = tokio::task::block_in_place(|| run.brokers.lock().unwrap().stop_all());
     if let Some(proxy) = &run.proxy {
         proxy.stop().await;
     }

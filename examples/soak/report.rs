@@ -168,6 +168,7 @@ pub async fn verify(run: &Arc<Run>, mut records: Vec<Record>, load_end: Duration
     // session that ended must have ended its stream.
     let mut watch_missed = Vec::new();
     let mut waits = Vec::new();
+    let mut forcing = tokio::task::JoinSet::new();
     for w in &run.watchers {
         let index = w.session;
         let end = &ends[index];
@@ -180,13 +181,25 @@ pub async fn verify(run: &Arc<Run>, mut records: Vec<Record>, load_end: Duration
                     ));
                     continue;
                 }
-                match force(run, &id, (w.home + 1) % run.replicas()).await {
-                    Ok(generation) => waits.push((w.clone(), id, generation)),
-                    Err(e) => watch_missed.push(format!("{id}: final forced refresh failed: {e}")),
+                let (run, w) = (run.clone(), w.clone());
+                forcing.spawn(async move {
+                    let forced = force(&run, &id, (w.home + 1) % run.replicas()).await;
+                    (w, id, forced)
+                });
+                // At most 16 at a time.
+                while forcing.len() >= 16 {
+                    if let Some(Ok(done)) = forcing.join_next().await {
+                        settle_forced(done, &mut waits, &mut watch_missed);
+                    }
                 }
             }
             End::Reauth => waits.push((w.clone(), id, 0)),
             _ => {}
+        }
+    }
+    while let Some(done) = forcing.join_next().await {
+        if let Ok(done) = done {
+            settle_forced(done, &mut waits, &mut watch_missed);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -254,13 +267,32 @@ pub async fn verify(run: &Arc<Run>, mut records: Vec<Record>, load_end: Duration
     }
 }
 
-/// Asks every session, 32 at a time, on the replicas in turn.
+/// Where a watcher's final forced refresh leaves it: waiting for that
+/// generation, or (the session ended at the IdP since it was asked) for
+/// its stream's end.
+type Forced = (Arc<super::traffic::Watcher>, String, Result<u64, String>);
+
+fn settle_forced(
+    (w, id, forced): Forced,
+    waits: &mut Vec<(Arc<super::traffic::Watcher>, String, u64)>,
+    missed: &mut Vec<String>,
+) {
+    match forced {
+        Ok(generation) => waits.push((w, id, generation)),
+        Err(e) if e.starts_with("FAILED_PRECONDITION/REAUTHENTICATION_REQUIRED") => {
+            waits.push((w, id, 0));
+        }
+        Err(e) => missed.push(format!("{id}: final forced refresh failed: {e}")),
+    }
+}
+
+/// Asks every session, 64 at a time, on the replicas in turn.
 async fn ask_all(run: &Arc<Run>, expected: &[(Session, Expect)]) -> Vec<End> {
     let ids: Arc<Vec<String>> = Arc::new(expected.iter().map(|(s, _)| s.id.clone()).collect());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let ends = Arc::new(std::sync::Mutex::new(vec![End::Absent; ids.len()]));
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..32 {
+    for _ in 0..64 {
         let (run, ids, next, ends) = (run.clone(), ids.clone(), next.clone(), ends.clone());
         tasks.spawn(async move {
             loop {

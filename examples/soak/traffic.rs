@@ -30,8 +30,10 @@ use super::{Opts, progress};
 const WATCH_DELIVERY_SLACK: Duration = Duration::from_secs(1);
 /// Load connections per replica.
 const LOAD_CHANNELS: usize = 4;
-/// Watch streams per connection (the broker allows 200 HTTP/2 streams).
-const STREAMS_PER_CHANNEL: usize = 100;
+/// Watch streams per connection of their home replica (the broker allows
+/// 200 HTTP/2 streams per connection; a replica also takes the streams of
+/// one that died).
+const STREAMS_PER_CHANNEL: usize = 50;
 /// Bound of one call of the traffic (the server also gets it as a deadline).
 const CALL_LIMIT: Duration = Duration::from_secs(8);
 
@@ -290,6 +292,8 @@ impl TokenChecks {
 /// What one watcher saw.
 #[derive(Debug)]
 pub struct Watcher {
+    /// Which watcher (spreads them over the connections).
+    pub index: usize,
     /// Index into `Run::base`.
     pub session: usize,
     pub home: usize,
@@ -373,6 +377,7 @@ impl Run {
         let watchers = (0..opts.watchers)
             .map(|w| {
                 Arc::new(Watcher {
+                    index: w,
                     // Spread over the id space, so the load touches them too.
                     session: w * opts.sessions / opts.watchers.max(1),
                     home: w % replicas,
@@ -448,9 +453,10 @@ impl Run {
         TokenBrokerClient::new(self.channel(replica, k)).max_decoding_message_size(1 << 20)
     }
 
-    fn watch_client(&self, replica: usize, k: usize) -> TokenBrokerClient<Channel> {
+    /// A client on one of `replica`'s watch connections, for watcher `w`.
+    fn watch_client(&self, replica: usize, w: usize) -> TokenBrokerClient<Channel> {
         let row = &self.watch_channels[replica % self.watch_channels.len()];
-        TokenBrokerClient::new(row[(k / self.replicas()) % row.len()].clone())
+        TokenBrokerClient::new(row[(w / self.replicas()) % row.len()].clone())
     }
 
     /// A receipt of a token seen now.
@@ -808,7 +814,7 @@ async fn watch_one(run: Arc<Run>, w: Arc<Watcher>, stop: CancellationToken) {
     let mut replica = w.home;
     let mut opened_before = false;
     while !stop.is_cancelled() {
-        let mut client = run.watch_client(replica, w.session);
+        let mut client = run.watch_client(replica, w.index);
         let mut open = tonic::Request::new(pb::WatchTokenRequest {
             session_id: id.clone(),
         });
