@@ -366,13 +366,28 @@ pub async fn run_step(run: &Run, step: &Step) -> Record {
             };
             progress(run.t0(), &name);
             if let Some(command) = run.opts.pg_restart_cmd.clone() {
+                let log = run.work.join("pg-restart.log");
+                let started = std::time::Instant::now();
                 let status = tokio::task::spawn_blocking(move || {
+                    let out = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)?;
                     std::process::Command::new("sh")
                         .args(["-c", &command])
+                        .stdin(std::process::Stdio::null())
+                        .stdout(out.try_clone()?)
+                        .stderr(out)
                         .status()
                 })
                 .await;
-                notes = format!("restart command: {status:?}");
+                notes = match status {
+                    Ok(Ok(status)) => format!(
+                        "restart command {status} after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    ),
+                    other => format!("restart command failed: {other:?}"),
+                };
             } else if let (Some(proxy), Some(db)) = (&run.proxy, &run.database) {
                 // As a fast shutdown: no new connections, every backend
                 // terminated by the server, then nothing left open.

@@ -397,6 +397,7 @@ async fn run(opts: Opts) -> i32 {
     };
     let run = Arc::new(traffic::Run::new(
         opts.clone(),
+        &work,
         idp.idp.clone(),
         &addrs,
         base,

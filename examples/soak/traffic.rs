@@ -319,6 +319,8 @@ pub struct Watcher {
 /// Everything the tasks of a run share.
 pub struct Run {
     pub opts: Opts,
+    /// Logs, configs and data.
+    pub work: std::path::PathBuf,
     t0: OnceLock<Instant>,
     pub idp: DevIdp,
     pub channels: Vec<Vec<Channel>>,
@@ -354,8 +356,10 @@ pub struct Run {
 }
 
 impl Run {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         opts: Opts,
+        work: &std::path::Path,
         idp: DevIdp,
         addrs: &[SocketAddr],
         base: Vec<Session>,
@@ -397,6 +401,7 @@ impl Run {
         let min_ttl = Duration::from_secs((opts.access_lifetime / 5).max(1));
         Self {
             opts,
+            work: work.to_path_buf(),
             t0: OnceLock::new(),
             idp,
             channels,
