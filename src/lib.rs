@@ -10,7 +10,8 @@
 //!   conversion, the one error-to-status mapping, the RPC metrics layer.
 //! - [`broker`]: the use cases: register, get, watch, inspect, list, delete.
 //! - [`session`]: session state, the published view (lock-free, with a watch channel made on
-//!   the first subscription), the registry (DashMap).
+//!   the first subscription), the registry (DashMap), labels in one buffer and shared strings
+//!   (`labels.rs`), failure bookkeeping out of line (`Trouble`).
 //! - [`refresh`]: single-flight refreshes, persist-before-use, backoff, IdP budget, the timer queue;
 //!   [`refresh::timing`] holds the pure timing functions.
 //! - [`oidc`]: the token-endpoint client (the only reqwest user): refresh, logout, classify answers.
